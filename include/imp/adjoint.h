@@ -19,13 +19,20 @@
  *     reported as IMP_ESINGULAR, never passed on as a huge gradient;
  *   - restarted GMRES (Saad and Schultz, 1986) that needs only the vjp,
  *     for large ny; the condition of the Krylov projection (the Arnoldi
- *     Hessenberg matrix) serves as the condition estimate.
+ *     Hessenberg matrix) serves as the condition estimate;
+ *   - for problems in fixed-point form f = y - h(x, y), the adjoint fixed
+ *     point u = (dh/dy)^T u + ybar, v = -u, solved with one of the
+ *     fixed-point solvers of imp/fixed_point.h.  Since
+ *     (dh/dy)^T u = u - (df/dy)^T u, it needs only the vjp of f, and it
+ *     converges whenever the forward iteration contracts.  No condition
+ *     number is estimated (stats->cond is 0).
  */
 #ifndef IMP_ADJOINT_H
 #define IMP_ADJOINT_H
 
 #include <stddef.h>
 
+#include "imp/fixed_point.h"
 #include "imp/problem.h"
 
 #ifdef __cplusplus
@@ -37,7 +44,10 @@ typedef enum imp_adjoint_method {
   IMP_ADJOINT_AUTO = 0, /**< dense LU if ny <= dense_max or a Jacobian
                              callback exists, otherwise GMRES */
   IMP_ADJOINT_DENSE_LU, /**< LAPACK LU with condition estimate */
-  IMP_ADJOINT_GMRES     /**< matrix-free restarted GMRES on the vjp */
+  IMP_ADJOINT_GMRES,    /**< matrix-free restarted GMRES on the vjp */
+  /** u = u - (df/dy)^T u + ybar by a fixed-point solver; for problems
+   *  f = y - h with h contractive. */
+  IMP_ADJOINT_FIXED_POINT
 } imp_adjoint_method;
 
 /**
@@ -45,24 +55,41 @@ typedef enum imp_adjoint_method {
  * the defaults written beside each field.
  */
 typedef struct imp_adjoint_options {
-  imp_adjoint_method method; /**< default IMP_ADJOINT_AUTO */
-  double max_cond;           /**< estimated condition number above which the
-                          Jacobian counts as singular; default 1e12 */
-  size_t dense_max;          /**< AUTO: largest ny for dense LU; default 256 */
-  size_t restart;            /**< GMRES restart length; default min(ny, 40) */
-  size_t max_iter; /**< GMRES iterations in all; default 20 * ny + 100 */
-  double rtol;     /**< GMRES: ||J^T v + ybar|| <= rtol ||ybar||;
-                          default 1e-11 */
+  /** Default IMP_ADJOINT_AUTO. */
+  imp_adjoint_method method;
+  /** Estimated condition number above which df/dy counts as singular;
+   *  default 1e12. */
+  double max_cond;
+  /** AUTO: the largest ny solved by dense LU; default 256. */
+  size_t dense_max;
+  /** GMRES restart length; default min(ny, 40). */
+  size_t restart;
+  /** GMRES or fixed-point iterations in all; default 20 ny + 100. */
+  size_t max_iter;
+  /** GMRES: stop at ||J^T v + ybar|| <= rtol ||ybar||; fixed point: the
+   *  driver's relative residual; default 1e-11. */
+  double rtol;
+  /** Fixed point: the solver type; default imp_fp_anderson. */
+  const imp_fp_type *fp_solver;
+  /** Fixed point: df/dy is block diagonal with this many equal blocks (a
+   *  batch), each solved and stopped on its own; default 1. */
+  size_t blocks;
 } imp_adjoint_options;
 
 /** What one adjoint solve did. */
 typedef struct imp_adjoint_stats {
-  imp_adjoint_method method; /**< the solver actually used */
-  size_t vjp_calls;          /**< vjp evaluations, the final one included */
-  size_t jacobian_calls;     /**< jacobian callback evaluations */
-  size_t iterations;         /**< GMRES iterations (0 for dense LU) */
-  double residual;           /**< ||J^T v + ybar|| / ||ybar|| */
-  double cond;               /**< estimated condition number of df/dy */
+  /** The solver actually used. */
+  imp_adjoint_method method;
+  /** vjp evaluations, the final accumulation included. */
+  size_t vjp_calls;
+  /** jacobian callback evaluations. */
+  size_t jacobian_calls;
+  /** GMRES or fixed-point iterations (0 for dense LU). */
+  size_t iterations;
+  /** ||J^T v + ybar|| / ||ybar||. */
+  double residual;
+  /** Estimated condition number of df/dy; 0 if not estimated. */
+  double cond;
 } imp_adjoint_stats;
 
 /**

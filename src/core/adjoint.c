@@ -23,6 +23,8 @@
 /* Options with the defaults filled in. */
 typedef struct adjoint_config {
   imp_adjoint_method method;
+  const imp_fp_type *fp_solver;
+  size_t blocks;
   double max_cond;
   size_t restart;
   size_t max_iter;
@@ -48,6 +50,8 @@ static adjoint_config configure(const imp_problem *p,
   c.restart = o.restart > 0 ? o.restart : (p->ny < 40 ? p->ny : 40);
   c.max_iter = o.max_iter > 0 ? o.max_iter : 20 * p->ny + 100;
   c.rtol = o.rtol > 0 ? o.rtol : 1e-11;
+  c.fp_solver = o.fp_solver != NULL ? o.fp_solver : imp_fp_anderson;
+  c.blocks = o.blocks > 0 ? o.blocks : 1;
   return c;
 }
 
@@ -356,6 +360,95 @@ done:
   return rc;
 }
 
+/* The adjoint fixed point, u <- u - (df/dy)^T u + ybar, on the blocks the
+ * fixed-point driver still has active; the others are zero, which block
+ * diagonality makes harmless. */
+typedef struct fixed_point_ctx {
+  const imp_problem *p;
+  const double *x, *y, *theta, *ybar;
+  size_t d;
+  double *u, *w; /* ny each */
+  imp_adjoint_stats *st;
+  int rc;
+} fixed_point_ctx;
+
+static int adjoint_map(void *ctx, size_t m, const size_t *idx, const double *u,
+                       double *out)
+{
+  fixed_point_ctx *c = ctx;
+  size_t d = c->d;
+
+  memset(c->u, 0, c->p->ny * sizeof(double));
+  for (size_t k = 0; k < m; k++)
+    memcpy(c->u + idx[k] * d, u + k * d, d * sizeof(double));
+  c->rc = apply_transpose(c->p, c->x, c->y, c->theta, c->u, c->w, c->st);
+  if (c->rc != IMP_OK)
+    return 1;
+  for (size_t k = 0; k < m; k++) {
+    size_t off = idx[k] * d;
+
+    for (size_t i = 0; i < d; i++)
+      out[k * d + i] = c->u[off + i] - c->w[off + i] + c->ybar[off + i];
+  }
+  return 0;
+}
+
+static int solve_fixed_point(const imp_problem *p, const double *x,
+                             const double *y, const double *theta,
+                             const double *ybar, double *v,
+                             const adjoint_config *c, imp_adjoint_stats *st)
+{
+  fixed_point_ctx ctx = {
+      .p = p, .x = x, .y = y, .theta = theta, .ybar = ybar, .st = st};
+  imp_fp_options fo = {.max_iter = c->max_iter, .rtol = c->rtol};
+  imp_fp_stats fs;
+  double bnorm = imp__nrm2(p->ny, ybar);
+  int rc;
+
+  if (p->ny % c->blocks != 0)
+    return imp__fail(IMP_EINVAL,
+                     "adjoint (fixed point): %zu blocks do not "
+                     "divide ny = %zu",
+                     c->blocks, p->ny);
+  ctx.d = p->ny / c->blocks;
+  ctx.u = imp__dalloc(p->ny);
+  ctx.w = imp__dalloc(p->ny);
+  if (ctx.u == NULL || ctx.w == NULL) {
+    free(ctx.u);
+    free(ctx.w);
+    return imp__fail(IMP_ENOMEM, "adjoint (fixed point): ny = %zu", p->ny);
+  }
+
+  /* Solve for u from u = 0; v = -u. */
+  memset(v, 0, p->ny * sizeof(double));
+  rc = imp_fp_solve(c->fp_solver, adjoint_map, &ctx, c->blocks, ctx.d, v, &fo,
+                    &fs, NULL, NULL);
+  st->iterations = fs.iterations;
+  if (rc == IMP_ECALLBACK && ctx.rc != IMP_OK)
+    rc = ctx.rc;
+  else if (rc == IMP_ENOCONV)
+    rc = imp__fail(IMP_ENOCONV,
+                   "adjoint (fixed point, %s): relative "
+                   "residual %.3g after %zu iterations, wanted %.3g; the "
+                   "map may not contract (try GMRES)",
+                   c->fp_solver->name, fs.rel_residual, fs.iterations, c->rtol);
+  for (size_t i = 0; i < p->ny; i++)
+    v[i] = -v[i];
+
+  /* The residual of the transposed system, ||J^T v + ybar|| / ||ybar||. */
+  if (rc == IMP_OK && bnorm > 0.0) {
+    rc = apply_transpose(p, x, y, theta, v, ctx.w, st);
+    if (rc == IMP_OK) {
+      for (size_t i = 0; i < p->ny; i++)
+        ctx.w[i] += ybar[i];
+      st->residual = imp__nrm2(p->ny, ctx.w) / bnorm;
+    }
+  }
+  free(ctx.u);
+  free(ctx.w);
+  return rc;
+}
+
 int imp_adjoint_solve(const imp_problem *p, const double *x, const double *y,
                       const double *theta, const double *ybar, double *v,
                       double *xbar, double *thetabar,
@@ -393,6 +486,8 @@ int imp_adjoint_solve(const imp_problem *p, const double *x, const double *y,
     rc = solve_dense(p, x, y, theta, b, adj, &c, &st);
   else if (c.method == IMP_ADJOINT_GMRES)
     rc = solve_gmres(p, x, y, theta, b, adj, &c, &st);
+  else if (c.method == IMP_ADJOINT_FIXED_POINT)
+    rc = solve_fixed_point(p, x, y, theta, ybar, adj, &c, &st);
   else
     rc = imp__fail(IMP_EINVAL, "adjoint: unknown method %d", (int)c.method);
   if (rc == IMP_OK && !imp__all_finite(adj, p->ny))

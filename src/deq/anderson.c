@@ -1,0 +1,166 @@
+/*
+ * deq/anderson.c - Anderson acceleration (Anderson 1965; Walker and Ni,
+ * SIAM J. Numer. Anal. 2011), per sample.
+ *
+ * With the last k <= m iterates z_i, images g_i and residuals
+ * f_i = g_i - z_i, the weights alpha solve
+ *
+ *     min || sum_i alpha_i f_i ||^2 + lambda ||alpha||^2,  sum_i alpha_i = 1,
+ *
+ * that is (F^T F + lambda I) y = 1, alpha = y / (1^T y), and the next
+ * iterate is
+ *
+ *     z+ = beta sum_i alpha_i g_i + (1 - beta) sum_i alpha_i z_i.
+ *
+ * lambda is scaled by the largest diagonal entry of F^T F so that the ridge
+ * does not depend on the units of z.  If the Cholesky factorization fails
+ * or the weights are not finite, the step falls back to damped Picard and
+ * the fallback is counted.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/internal.h"
+#include "core/lapack.h"
+#include "imp/fixed_point.h"
+
+typedef struct anderson {
+  size_t n, d, m;
+  double beta, ridge;
+  double *f;     /* n x m x d: residual history, a ring per sample */
+  double *g;     /* n x m x d: image history */
+  size_t *count; /* n: pushes so far per sample */
+  double *gram;  /* m x m scratch */
+  double *alpha; /* m scratch */
+} anderson;
+
+static void anderson_free(void *state)
+{
+  anderson *a = state;
+
+  if (a == NULL)
+    return;
+  free(a->f);
+  free(a->g);
+  free(a->count);
+  free(a->gram);
+  free(a->alpha);
+  free(a);
+}
+
+static int anderson_alloc(void **state, size_t n, size_t d,
+                          const imp_fp_options *opt)
+{
+  anderson *a = calloc(1, sizeof *a);
+  size_t m = opt->memory;
+
+  if (a == NULL)
+    return imp__fail(IMP_ENOMEM, "anderson state");
+  a->n = n;
+  a->d = d;
+  a->m = m;
+  a->beta = opt->damping;
+  a->ridge = opt->ridge;
+  a->f = imp__dalloc(n * m * d);
+  a->g = imp__dalloc(n * m * d);
+  a->count = calloc(n, sizeof(size_t));
+  a->gram = imp__dalloc(m * m);
+  a->alpha = imp__dalloc(m);
+  if (a->f == NULL || a->g == NULL || a->count == NULL || a->gram == NULL ||
+      a->alpha == NULL) {
+    anderson_free(a);
+    return imp__fail(IMP_ENOMEM, "anderson history: %zu x %zu x %zu", n, m, d);
+  }
+  *state = a;
+  return IMP_OK;
+}
+
+/* The mixing weights of sample b over its k stored residuals; 0 if the
+ * regularized Gram system cannot be solved. */
+static int mixing_weights(anderson *a, size_t b, size_t k)
+{
+  const double *f = a->f + b * a->m * a->d;
+  double scale = 0.0, sum = 0.0;
+  int kk = (int)k, one = 1, info = 0;
+
+  for (size_t i = 0; i < k; i++)
+    for (size_t j = 0; j <= i; j++) {
+      double v = imp__dot(a->d, f + i * a->d, f + j * a->d);
+
+      a->gram[i * k + j] = a->gram[j * k + i] = v;
+    }
+  for (size_t i = 0; i < k; i++)
+    scale = fmax(scale, a->gram[i * k + i]);
+  if (!(scale > 0.0) || !isfinite(scale))
+    return 0;
+  for (size_t i = 0; i < k; i++) {
+    a->gram[i * k + i] += a->ridge * scale;
+    a->alpha[i] = 1.0;
+  }
+
+  dpotrf_("L", &kk, a->gram, &kk, &info, 1);
+  if (info != 0)
+    return 0;
+  dpotrs_("L", &kk, &one, a->gram, &kk, a->alpha, &kk, &info, 1);
+  if (info != 0)
+    return 0;
+  for (size_t i = 0; i < k; i++)
+    sum += a->alpha[i];
+  if (!isfinite(sum) || fabs(sum) < 1e-300)
+    return 0;
+  for (size_t i = 0; i < k; i++)
+    a->alpha[i] /= sum;
+  return imp__all_finite(a->alpha, k);
+}
+
+static int anderson_update(void *state, size_t m, const size_t *idx,
+                           const double *z, const double *g, double *z_next,
+                           size_t *fallbacks)
+{
+  anderson *a = state;
+  size_t d = a->d;
+
+  for (size_t r = 0; r < m; r++) {
+    size_t b = idx[r], slot = a->count[b] % a->m, k;
+    const double *zr = z + r * d, *gr = g + r * d;
+    double *out = z_next + r * d;
+    double *fh = a->f + b * a->m * d, *gh = a->g + b * a->m * d;
+
+    /* Push the newest pair into the sample's ring. */
+    for (size_t i = 0; i < d; i++) {
+      fh[slot * d + i] = gr[i] - zr[i];
+      gh[slot * d + i] = gr[i];
+    }
+    a->count[b]++;
+    k = a->count[b] < a->m ? a->count[b] : a->m;
+
+    /* Mix, or fall back to a damped Picard step. */
+    if (k < 2 || !mixing_weights(a, b, k)) {
+      if (k >= 2)
+        (*fallbacks)++;
+      for (size_t i = 0; i < d; i++)
+        out[i] = (1.0 - a->beta) * zr[i] + a->beta * gr[i];
+      continue;
+    }
+    memset(out, 0, d * sizeof(double));
+    for (size_t j = 0; j < k; j++) {
+      const double *fj = fh + j * d, *gj = gh + j * d;
+      double w = a->alpha[j];
+
+      /* z_j = g_j - f_j, so beta g + (1 - beta) z = g - (1 - beta) f. */
+      for (size_t i = 0; i < d; i++)
+        out[i] += w * (gj[i] - (1.0 - a->beta) * fj[i]);
+    }
+  }
+  return IMP_OK;
+}
+
+static const imp_fp_type anderson_type = {
+    .name = "anderson",
+    .alloc = anderson_alloc,
+    .update = anderson_update,
+    .free = anderson_free,
+};
+
+const imp_fp_type *const imp_fp_anderson = &anderson_type;

@@ -1,0 +1,546 @@
+/*
+ * test_deq.c - fixed-point solvers and DEQ layers: gradients of every
+ * backward mode against finite differences, solver efficiency, failure to
+ * converge, and bad input.
+ */
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/internal.h"
+#include "imp.h"
+#include "imp/deq.h"
+
+/* ------------------------------------------------------------------ */
+/* The dense tanh map h(x, z) = tanh(W z + U x + b), theta = (W, U, b),
+ * with NZ state and NX input features. */
+
+#define NZ 6
+#define NX 3
+#define NB 3
+#define NTHETA (NZ * NZ + NZ * NX + NZ)
+
+typedef struct tanh_map {
+  int fail_map; /* fail once this many map calls were made; -1 never */
+  int calls;
+} tanh_map;
+
+static int tanh_forward(void *ctx, const imp_shape *xs, const double *x,
+                        const imp_shape *zs, const double *z,
+                        const double *theta, double *out)
+{
+  tanh_map *t = ctx;
+  const double *w = theta, *u = theta + NZ * NZ, *b = u + NZ * NX;
+
+  (void)xs;
+  if (t != NULL && t->fail_map >= 0 && t->calls++ >= t->fail_map)
+    return 3;
+  for (size_t s = 0; s < zs->n; s++)
+    for (int i = 0; i < NZ; i++) {
+      double a = b[i];
+
+      for (int j = 0; j < NZ; j++)
+        a += w[i * NZ + j] * z[s * NZ + j];
+      for (int j = 0; j < NX; j++)
+        a += u[i * NX + j] * x[s * NX + j];
+      out[s * NZ + i] = tanh(a);
+    }
+  return 0;
+}
+
+static int tanh_vjp(void *ctx, const imp_shape *xs, const double *x,
+                    const imp_shape *zs, const double *z, const double *theta,
+                    const double *v, double *vjp_z, double *vjp_x,
+                    double *vjp_theta)
+{
+  const double *w = theta, *u = theta + NZ * NZ;
+  double h[NZ];
+
+  (void)ctx;
+  for (size_t s = 0; s < zs->n; s++) {
+    /* delta_i = v_i * tanh'(a_i) = v_i (1 - h_i^2). */
+    tanh_forward(NULL, xs, x + s * NX, &(imp_shape){1, NZ, 1, 1}, z + s * NZ,
+                 theta, h);
+    for (int i = 0; i < NZ; i++)
+      h[i] = v[s * NZ + i] * (1.0 - h[i] * h[i]);
+    for (int j = 0; vjp_z != NULL && j < NZ; j++) {
+      vjp_z[s * NZ + j] = 0.0;
+      for (int i = 0; i < NZ; i++)
+        vjp_z[s * NZ + j] += h[i] * w[i * NZ + j];
+    }
+    for (int j = 0; vjp_x != NULL && j < NX; j++)
+      for (int i = 0; i < NZ; i++)
+        vjp_x[s * NX + j] += h[i] * u[i * NX + j];
+    for (int i = 0; vjp_theta != NULL && i < NZ; i++) {
+      for (int j = 0; j < NZ; j++)
+        vjp_theta[i * NZ + j] += h[i] * z[s * NZ + j];
+      for (int j = 0; j < NX; j++)
+        vjp_theta[NZ * NZ + i * NX + j] += h[i] * x[s * NX + j];
+      vjp_theta[NZ * NZ + NZ * NX + i] += h[i];
+    }
+  }
+  return 0;
+}
+
+/* theta with ||W||_F = w_norm (so ||W||_2 <= w_norm: a contraction for
+ * w_norm < 1, since |tanh'| <= 1). */
+static void init_theta(double *theta, double w_norm, unsigned seed)
+{
+  imp_rng rng;
+  double f;
+
+  imp_rng_seed(&rng, seed);
+  imp_rng_fill_normal(&rng, theta, NTHETA, 0.0, 1.0);
+  f = w_norm / imp__nrm2(NZ * NZ, theta);
+  for (int i = 0; i < NZ * NZ; i++)
+    theta[i] *= f;
+}
+
+static imp_layer *make_deq(const imp_deq_options *opt, const double *theta,
+                           tanh_map *ctx)
+{
+  imp_deq_map map = {.ntheta = NTHETA,
+                     .x_channels = NX,
+                     .z_channels = NZ,
+                     .map = tanh_forward,
+                     .vjp = tanh_vjp,
+                     .ctx = ctx};
+  imp_layer *l = NULL;
+
+  ck_assert_int_eq(imp_deq_create(&map, theta, opt, "deq", &l), IMP_OK);
+  return l;
+}
+
+/* L(theta, x) = sum_k w_k y_k of the layer's output. */
+typedef struct objective {
+  imp_layer *layer;
+  double w[NB * NZ];
+} objective;
+
+static int objective_eval(void *ctx, const double *params, double *value)
+{
+  objective *o = ctx;
+  imp_shape in = {NB, NX, 1, 1};
+  double y[NB * NZ];
+  int rc;
+
+  memcpy(imp_layer_params(o->layer), params, NTHETA * sizeof(double));
+  rc = imp_layer_forward(o->layer, &in, params + NTHETA, y);
+  if (rc != IMP_OK)
+    return rc;
+  *value = imp__dot(NB * NZ, o->w, y);
+  return 0;
+}
+
+/* The analytic gradient (theta then x) of the objective at params. */
+static void analytic(objective *o, double *params, double *grad)
+{
+  imp_shape in = {NB, NX, 1, 1};
+  double y[NB * NZ];
+
+  memcpy(imp_layer_params(o->layer), params, NTHETA * sizeof(double));
+  imp_layer_zero_grad(o->layer);
+  memset(grad, 0, (NTHETA + NB * NX) * sizeof(double));
+  ck_assert_int_eq(imp_layer_forward(o->layer, &in, params + NTHETA, y),
+                   IMP_OK);
+  ck_assert_int_eq(imp_layer_backward(o->layer, grad + NTHETA, o->w, &in,
+                                      params + NTHETA, y),
+                   IMP_OK);
+  memcpy(grad, imp_layer_grads(o->layer), NTHETA * sizeof(double));
+}
+
+static void setup_objective(objective *o, double *params, imp_layer *l)
+{
+  imp_rng rng;
+
+  o->layer = l;
+  init_theta(params, 0.8, 5);
+  imp_rng_seed(&rng, 9);
+  imp_rng_fill_normal(&rng, params + NTHETA, NB * NX, 0.0, 1.0);
+  imp_rng_fill_normal(&rng, o->w, NB * NZ, 0.0, 1.0);
+}
+
+/* Worst relative error of the layer's gradient against differences. */
+static double gradient_error(const imp_deq_options *opt)
+{
+  double params[NTHETA + NB * NX], grad[NTHETA + NB * NX];
+  objective o;
+  imp_gradcheck_result res;
+
+  setup_objective(&o, params, make_deq(opt, NULL, NULL));
+  analytic(&o, params, grad);
+  ck_assert_int_eq(imp_gradcheck(objective_eval, &o, params, NTHETA + NB * NX,
+                                 grad, NULL, &res),
+                   IMP_OK);
+  imp_layer_free(o.layer);
+  return res.max_rel_err;
+}
+
+START_TEST(implicit_gradient_matches_fd)
+{
+  imp_adjoint_method methods[3] = {IMP_ADJOINT_FIXED_POINT, IMP_ADJOINT_GMRES,
+                                   IMP_ADJOINT_DENSE_LU};
+  const imp_fp_type *solvers[3] = {imp_fp_anderson, imp_fp_broyden,
+                                   imp_fp_picard};
+
+  for (int m = 0; m < 3; m++)
+    for (int s = 0; s < 3; s++) {
+      imp_deq_options opt = {
+          .solver = solvers[s],
+          .train = {.max_iter = 400, .rtol = 1e-13},
+          .adjoint = {.method = methods[m], .max_iter = 400, .rtol = 1e-13},
+      };
+      double err = gradient_error(&opt);
+
+      /* The implicit gradient to 1e-6 relative, as required. */
+      ck_assert_msg(err < 1e-6, "adjoint %d, solver %s: error %g", m,
+                    solvers[s]->name, err);
+    }
+}
+END_TEST
+
+START_TEST(unrolled_gradient_matches_fd)
+{
+  imp_deq_options opt = {
+      .backward = IMP_DEQ_UNROLLED, .unroll_steps = 7, .unroll_damping = 0.8};
+
+  /* Exact backpropagation through 7 steps: differences agree to the
+   * fourth-order stencil's accuracy. */
+  ck_assert_double_lt(gradient_error(&opt), 1e-8);
+}
+END_TEST
+
+/* Gradient (theta then x) of a layer with the given options. */
+static void layer_gradient(const imp_deq_options *opt, double *params,
+                           objective *o, double *grad, imp_layer **keep)
+{
+  o->layer = make_deq(opt, NULL, NULL);
+  analytic(o, params, grad);
+  if (keep != NULL)
+    *keep = o->layer;
+  else
+    imp_layer_free(o->layer);
+}
+
+static double relative_distance(const double *a, const double *b, size_t n)
+{
+  double d = 0.0;
+
+  for (size_t i = 0; i < n; i++)
+    d += (a[i] - b[i]) * (a[i] - b[i]);
+  return sqrt(d) / imp__nrm2(n, b);
+}
+
+START_TEST(phantom_gradient)
+{
+  size_t n = NTHETA + NB * NX;
+  double params[NTHETA + NB * NX], exact[NTHETA + NB * NX];
+  double g[NTHETA + NB * NX], err[31];
+  imp_deq_options implicit = {.train = {.max_iter = 400, .rtol = 1e-13},
+                              .eval = {.max_iter = 400, .rtol = 1e-13},
+                              .adjoint = {.rtol = 1e-13, .max_iter = 400}};
+  objective o;
+  imp_layer *ph;
+  imp_gradcheck_result res;
+  imp_shape zs = {NB, NZ, 1, 1};
+
+  setup_objective(&o, params, NULL);
+  layer_gradient(&implicit, params, &o, exact, NULL);
+
+  /* The phantom gradient approaches the implicit one as k grows. */
+  for (size_t k = 1; k <= 30; k++) {
+    imp_deq_options opt = implicit;
+
+    opt.backward = IMP_DEQ_PHANTOM;
+    opt.phantom_steps = k;
+    opt.phantom_damping = 1.0;
+    layer_gradient(&opt, params, &o, g, NULL);
+    err[k] = relative_distance(g, exact, n);
+  }
+  /* Measured: 7e-2 at k = 1, shrinking about tenfold a step to 3e-14 (the
+   * rounding floor) by k = 15. */
+  ck_assert_msg(err[1] > 1e-2, "one step: %g", err[1]);
+  for (size_t k = 2; k <= 12; k++)
+    ck_assert_msg(err[k] < 0.5 * err[k - 1], "k = %zu: %g", k, err[k]);
+  ck_assert_msg(err[30] < 1e-12, "k = 30: %g", err[30]);
+
+  /* It is the exact gradient of k steps from z* held constant: the same
+   * computation as an unrolled layer started at z*. */
+  {
+    imp_deq_options opt = implicit, unrolled = {0};
+    double zstar[NB * NZ];
+    imp_shape in = {NB, NX, 1, 1};
+
+    opt.backward = IMP_DEQ_PHANTOM;
+    opt.phantom_steps = 3;
+    opt.phantom_damping = 0.6;
+    layer_gradient(&opt, params, &o, g, &ph);
+    imp_layer_set_training(ph, 0);
+    ck_assert_int_eq(imp_layer_forward(ph, &in, params + NTHETA, zstar),
+                     IMP_OK);
+    imp_layer_free(ph);
+
+    unrolled.backward = IMP_DEQ_UNROLLED;
+    unrolled.unroll_steps = 3;
+    unrolled.unroll_damping = 0.6;
+    unrolled.init = IMP_DEQ_INIT_GIVEN;
+    o.layer = make_deq(&unrolled, NULL, NULL);
+    ck_assert_int_eq(imp_deq_set_initial(o.layer, &zs, zstar), IMP_OK);
+    /* Only theta: x moves z*, which the phantom gradient ignores. */
+    ck_assert_int_eq(
+        imp_gradcheck(objective_eval, &o, params, NTHETA, g, NULL, &res),
+        IMP_OK);
+    ck_assert_msg(res.max_rel_err < 1e-7, "phantom vs its computation: %g",
+                  res.max_rel_err);
+    imp_layer_free(o.layer);
+  }
+}
+END_TEST
+
+/* ------------------------------------------------------------------ */
+/* Solvers. */
+
+static size_t evaluations_to_converge(const imp_fp_type *solver, double w_norm)
+{
+  double theta[NTHETA], x[NB * NX], y[NB * NZ];
+  imp_deq_options opt = {.solver = solver,
+                         .eval = {.max_iter = 2000, .rtol = 1e-10}};
+  imp_shape in = {NB, NX, 1, 1};
+  imp_deq_stats st;
+  imp_layer *l;
+  imp_rng rng;
+
+  init_theta(theta, w_norm, 21);
+  imp_rng_seed(&rng, 4);
+  imp_rng_fill_normal(&rng, x, NB * NX, 0.0, 1.0);
+  l = make_deq(&opt, theta, NULL);
+  imp_layer_set_training(l, 0);
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+  ck_assert_int_eq(st.converged, NB);
+  ck_assert(st.rel_residual <= 1e-10);
+  ck_assert_int_eq(st.trace_len, st.iterations);
+  ck_assert(st.trace[st.trace_len - 1] <= 1e-10);
+  imp_layer_free(l);
+  return st.evaluations;
+}
+
+START_TEST(accelerated_solvers_need_fewer_evaluations)
+{
+  /* A slowly contracting map: ||W||_F = 0.97. */
+  size_t picard = evaluations_to_converge(imp_fp_picard, 0.97);
+  size_t anderson = evaluations_to_converge(imp_fp_anderson, 0.97);
+  size_t broyden = evaluations_to_converge(imp_fp_broyden, 0.97);
+
+  ck_assert_msg(anderson < picard && broyden < picard,
+                "picard %zu, anderson %zu, broyden %zu", picard, anderson,
+                broyden);
+}
+END_TEST
+
+/* h(z) = z + 1 + 0.1 sin(z) has no fixed point: h(z) - z >= 0.9.  Its
+ * iterates run off to infinity, which fools a relative test, so the test
+ * below is absolute. */
+static int drifting(void *ctx, const imp_shape *xs, const double *x,
+                    const imp_shape *zs, const double *z, const double *theta,
+                    double *out)
+{
+  (void)ctx, (void)xs, (void)x, (void)theta;
+  for (size_t i = 0; i < imp_shape_numel(zs); i++)
+    out[i] = z[i] + 1.0 + 0.1 * sin(z[i]);
+  return 0;
+}
+
+START_TEST(non_contractive_map_reports_noconv)
+{
+  const imp_fp_type *solvers[3] = {imp_fp_picard, imp_fp_anderson,
+                                   imp_fp_broyden};
+  imp_deq_map map = {.z_channels = 2, .map = drifting};
+  imp_shape in = {4, 1, 1, 1};
+  double x[4] = {0}, y[8];
+
+  for (int s = 0; s < 3; s++) {
+    imp_deq_options opt = {.solver = solvers[s], .train = {.atol = 1e-6}};
+    imp_deq_stats st;
+    imp_layer *l = NULL;
+
+    ck_assert_int_eq(imp_deq_create(&map, NULL, &opt, "drift", &l), IMP_OK);
+    ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_ENOCONV);
+    ck_assert(strstr(imp_last_error(), "above tolerance") != NULL);
+    ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+    ck_assert_int_eq(st.converged, 0);
+    ck_assert_int_eq(st.forward_status, IMP_ENOCONV);
+    ck_assert_int_eq(st.iterations, 30); /* the training budget */
+    /* The best iterate is handed back: finite, residual about 0.9 per
+     * entry, so about 0.9 sqrt(2) per sample at best. */
+    ck_assert(imp__all_finite(y, 8));
+    ck_assert(st.abs_residual >= 0.9 * sqrt(2.0) - 1e-12);
+    imp_layer_free(l);
+  }
+
+  /* Asked for, an exhausted budget is not an error. */
+  {
+    imp_deq_options opt = {.noconv_ok = 1, .train = {.atol = 1e-6}};
+    imp_deq_stats st;
+    imp_layer *l = NULL;
+
+    ck_assert_int_eq(imp_deq_create(&map, NULL, &opt, "drift", &l), IMP_OK);
+    ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+    ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+    ck_assert_int_eq(st.forward_status, IMP_ENOCONV);
+    ck_assert_int_eq(st.converged, 0);
+    imp_layer_free(l);
+  }
+}
+END_TEST
+
+/* h(x, z) = D z + x with D = diag(0.7, -0.5, 0.3): spectral radius 0.7. */
+static const double diag3[3] = {0.7, -0.5, 0.3};
+
+static int linear_map(void *ctx, const imp_shape *xs, const double *x,
+                      const imp_shape *zs, const double *z, const double *theta,
+                      double *out)
+{
+  (void)ctx, (void)xs, (void)theta;
+  for (size_t i = 0; i < imp_shape_numel(zs); i++)
+    out[i] = diag3[i % 3] * z[i] + x[i];
+  return 0;
+}
+
+static int linear_vjp(void *ctx, const imp_shape *xs, const double *x,
+                      const imp_shape *zs, const double *z, const double *theta,
+                      const double *v, double *vjp_z, double *vjp_x,
+                      double *vjp_theta)
+{
+  (void)ctx, (void)xs, (void)x, (void)z, (void)theta, (void)vjp_theta;
+  for (size_t i = 0; i < imp_shape_numel(zs); i++) {
+    if (vjp_z != NULL)
+      vjp_z[i] = diag3[i % 3] * v[i];
+    if (vjp_x != NULL)
+      vjp_x[i] += v[i];
+  }
+  return 0;
+}
+
+START_TEST(budgets_warm_start_and_spectral_radius)
+{
+  imp_deq_map map = {
+      .x_channels = 3, .z_channels = 3, .map = linear_map, .vjp = linear_vjp};
+  imp_deq_options opt = {.solver = imp_fp_picard,
+                         .train = {.max_iter = 5, .rtol = 1e-12},
+                         .eval = {.max_iter = 200, .rtol = 1e-12},
+                         .init = IMP_DEQ_INIT_PREVIOUS};
+  imp_shape in = {2, 3, 1, 1};
+  double x[6] = {1, 2, 3, -1, 0.5, 2}, y[6], rho;
+  imp_deq_stats st;
+  imp_layer *l = NULL;
+
+  ck_assert_int_eq(imp_deq_create(&map, NULL, &opt, "lin", &l), IMP_OK);
+
+  /* Training's 5 Picard steps fall short of 1e-12 ... */
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_ENOCONV);
+
+  /* ... the evaluation budget reaches z* = x / (1 - D), warm started. */
+  imp_layer_set_training(l, 0);
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+  for (int i = 0; i < 6; i++)
+    ck_assert(fabs(y[i] - x[i] / (1.0 - diag3[i % 3])) < 1e-10);
+  ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+
+  /* Started at the fixed point, a second solve stops at once. */
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+  ck_assert_int_eq(st.iterations, 1);
+
+  ck_assert_int_eq(imp_deq_spectral_radius(l, x, 60, &rho), IMP_OK);
+  ck_assert_msg(fabs(rho - 0.7) < 1e-3, "rho %g", rho);
+
+  /* Budgets can be changed at test time, but not to nothing. */
+  ck_assert_int_eq(
+      imp_deq_set_budget(l, 0, &(imp_deq_budget){.max_iter = 0, .rtol = 1e-6}),
+      IMP_EINVAL);
+  ck_assert(strstr(imp_last_error(), "zero iterations") != NULL);
+  ck_assert_int_eq(imp_deq_set_budget(l, 0, &(imp_deq_budget){.max_iter = 3}),
+                   IMP_EINVAL);
+  ck_assert_int_eq(
+      imp_deq_set_budget(l, 0, &(imp_deq_budget){.max_iter = 3, .rtol = 1e-6}),
+      IMP_OK);
+  imp_layer_free(l);
+}
+END_TEST
+
+START_TEST(bad_input)
+{
+  double theta[NTHETA], x[NB * NX] = {0}, y[NB * NZ], yb[NB * NZ] = {1};
+  imp_shape in = {NB, NX, 1, 1}, wrong = {NB, NX + 1, 1, 1};
+  tanh_map ctx = {.fail_map = -1};
+  imp_deq_map nomap = {.z_channels = NZ};
+  imp_layer *l, *bad = NULL;
+
+  init_theta(theta, 0.5, 3);
+  l = make_deq(&(imp_deq_options){.train = {.rtol = 1e-12}}, theta, &ctx);
+
+  /* Creation. */
+  ck_assert_int_eq(imp_deq_create(&nomap, NULL, NULL, "x", &bad), IMP_EINVAL);
+  ck_assert_ptr_null(bad);
+  ck_assert_int_eq(imp_deq_create(NULL, NULL, NULL, "x", &bad), IMP_EINVAL);
+
+  /* Shapes, NaN input and parameters. */
+  ck_assert_int_eq(imp_layer_forward(l, &wrong, x, y), IMP_ESHAPE);
+  x[4] = NAN;
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_ENONFINITE);
+  x[4] = 0.0;
+  imp_layer_params(l)[7] = NAN;
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_ENONFINITE);
+  imp_layer_params(l)[7] = theta[7];
+
+  /* Backward before any forward. */
+  ck_assert_int_eq(imp_layer_backward(l, NULL, yb, &in, x, y), IMP_EINVAL);
+
+  /* A map that fails on the first, a middle and a late call. */
+  for (int when = 0; when <= 6; when += 3) {
+    ctx.calls = 0;
+    ctx.fail_map = when;
+    ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_ECALLBACK);
+  }
+  ctx.fail_map = -1;
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_layer_backward(l, NULL, yb, &in, x, y), IMP_OK);
+
+  /* The stats getter refuses other layers. */
+  {
+    imp_deq_stats st;
+
+    ck_assert_int_eq(imp_deq_get_stats(NULL, &st), IMP_EINVAL);
+  }
+  imp_layer_free(l);
+}
+END_TEST
+
+static Suite *deq_suite(void)
+{
+  Suite *s = suite_create("deq");
+  TCase *tc = tcase_create("deq");
+
+  tcase_add_test(tc, implicit_gradient_matches_fd);
+  tcase_add_test(tc, unrolled_gradient_matches_fd);
+  tcase_add_test(tc, phantom_gradient);
+  tcase_add_test(tc, accelerated_solvers_need_fewer_evaluations);
+  tcase_add_test(tc, non_contractive_map_reports_noconv);
+  tcase_add_test(tc, budgets_warm_start_and_spectral_radius);
+  tcase_add_test(tc, bad_input);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
+int main(void)
+{
+  SRunner *sr = srunner_create(deq_suite());
+  int failed;
+
+  srunner_run_all(sr, CK_NORMAL);
+  failed = srunner_ntests_failed(sr);
+  srunner_free(sr);
+  return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
