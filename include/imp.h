@@ -21,5 +21,6 @@
 #include "imp/gradcheck.h"
 #include "imp/layer.h"
 #include "imp/rng.h"
+#include "imp/root.h"
 
 #endif /* IMP_H */
