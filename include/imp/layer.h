@@ -125,8 +125,10 @@ int imp_layer_training(const imp_layer *layer);
 /**
  * Move the layer's parameters and gradients into caller-owned storage of
  * nparams doubles each (a container's flat buffers).  The current values
- * are copied over, the layer's own buffers freed, and ops->rebind called.
- * A later bind moves them again; the layer never frees caller storage.
+ * are copied over and ops->rebind is called while the old storage can
+ * still be read (a container moves its children there); then the layer's
+ * own buffers, if it had any, are freed.  A later bind moves them again;
+ * the layer never frees caller storage.
  */
 int imp_layer_bind_storage(imp_layer *layer, double *params, double *grads);
 

@@ -192,6 +192,9 @@ int imp_layer_training(const imp_layer *layer)
 
 int imp_layer_bind_storage(imp_layer *layer, double *params, double *grads)
 {
+  double *old_params, *old_grads;
+  int owned, rc = IMP_OK;
+
   if (layer == NULL ||
       ((params == NULL || grads == NULL) && layer->nparams > 0))
     return imp__fail(IMP_EINVAL, "bind_storage: NULL argument");
@@ -199,14 +202,19 @@ int imp_layer_bind_storage(imp_layer *layer, double *params, double *grads)
     memmove(params, layer->params, layer->nparams * sizeof(double));
     memmove(grads, layer->grads, layer->nparams * sizeof(double));
   }
-  if (layer->owns_storage) {
-    free(layer->params);
-    free(layer->grads);
-  }
+  old_params = layer->params;
+  old_grads = layer->grads;
+  owned = layer->owns_storage;
   layer->params = params;
   layer->grads = grads;
   layer->owns_storage = 0;
+
+  /* A container moves its children while the old storage still exists. */
   if (layer->ops->rebind != NULL)
-    return layer->ops->rebind(layer);
-  return IMP_OK;
+    rc = layer->ops->rebind(layer);
+  if (owned) {
+    free(old_params);
+    free(old_grads);
+  }
+  return rc;
 }
