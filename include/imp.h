@@ -22,5 +22,10 @@
 #include "imp/layer.h"
 #include "imp/rng.h"
 #include "imp/root.h"
+#include "imp/blocks.h"
+#include "imp/loss.h"
+#include "imp/stack.h"
+#include "imp/optim.h"
+#include "imp/checkpoint.h"
 
 #endif /* IMP_H */

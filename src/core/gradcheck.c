@@ -45,7 +45,8 @@ static int quotient(imp_objective_fn f, void *ctx, double *params, size_t i,
   }
   IMP__TRY(shifted(f, ctx, params, i, 2.0 * step, &lp2, evals));
   IMP__TRY(shifted(f, ctx, params, i, -2.0 * step, &lm2, evals));
-  *d = (-lp2 + 8.0 * lp - 8.0 * lm + lm2) / (12.0 * step);
+  /* Differences of nearby values first, so a flat direction gives 0. */
+  *d = ((lm2 - lp2) + 8.0 * (lp - lm)) / (12.0 * step);
   return IMP_OK;
 }
 
