@@ -27,5 +27,7 @@
 #include "imp/stack.h"
 #include "imp/optim.h"
 #include "imp/checkpoint.h"
+#include "imp/fixed_point.h"
+#include "imp/deq.h"
 
 #endif /* IMP_H */

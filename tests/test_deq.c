@@ -10,7 +10,9 @@
 
 #include "core/internal.h"
 #include "imp.h"
+#include "imp/blocks.h"
 #include "imp/deq.h"
+#include "imp/stack.h"
 
 /* ------------------------------------------------------------------ */
 /* The dense tanh map h(x, z) = tanh(W z + U x + b), theta = (W, U, b),
@@ -518,6 +520,94 @@ START_TEST(bad_input)
 }
 END_TEST
 
+/* ------------------------------------------------------------------ */
+/* A DEQ built from the library's blocks, inside a stack:
+ * [dense U] -> deq(h(u, z) = tanh(dense W (z) + u)).  It must agree with
+ * the callback form above on the same weights, and its whole gradient with
+ * finite differences. */
+
+typedef struct stack_objective {
+  imp_stack *stack;
+  double w[NB * NZ];
+} stack_objective;
+
+static int stack_eval(void *ctx, const double *params, double *value)
+{
+  stack_objective *o = ctx;
+  imp_shape in = {NB, NX, 1, 1};
+  size_t np = imp_stack_nparams(o->stack);
+  double y[NB * NZ];
+  int rc;
+
+  memcpy(imp_stack_params(o->stack), params, np * sizeof(double));
+  rc = imp_stack_forward(o->stack, &in, params + np, y);
+  if (rc != IMP_OK)
+    return rc;
+  *value = imp__dot(NB * NZ, o->w, y);
+  return 0;
+}
+
+START_TEST(deq_from_layers_agrees_with_callbacks)
+{
+  imp_deq_options opt = {.train = {.max_iter = 400, .rtol = 1e-13},
+                         .adjoint = {.max_iter = 400, .rtol = 1e-13}};
+  double theta[NTHETA], x[NB * NX], y1[NB * NZ], y2[NB * NZ];
+  double params[NTHETA + NZ + NB * NX], grad[NTHETA + NZ + NB * NX] = {0};
+  imp_layer *dense_w, *dense_u, *act, *deq = NULL, *ref;
+  imp_shape in = {NB, NX, 1, 1};
+  stack_objective o;
+  imp_gradcheck_result res;
+  imp_rng rng;
+  size_t np;
+
+  init_theta(theta, 0.8, 5);
+  imp_rng_seed(&rng, 2);
+  imp_rng_fill_normal(&rng, x, NB * NX, 0.0, 1.0);
+  imp_rng_fill_normal(&rng, o.w, NB * NZ, 0.0, 1.0);
+
+  /* The blocks: U (bias 0), then the DEQ of W (bias b) and tanh. */
+  ck_assert_int_eq(imp_dense_create(NX, NZ, NULL, "U", &dense_u), IMP_OK);
+  ck_assert_int_eq(imp_dense_create(NZ, NZ, NULL, "W", &dense_w), IMP_OK);
+  ck_assert_int_eq(imp_activation_create(IMP_ACT_TANH, NULL, &act), IMP_OK);
+  ck_assert_int_eq(
+      imp_deq_create_from_layers(NZ, dense_w, act, &opt, "deq", &deq), IMP_OK);
+  ck_assert_int_eq(imp_layer_nparams(deq), NZ * NZ + NZ);
+  ck_assert_int_eq(imp_stack_create("stack", &o.stack), IMP_OK);
+  ck_assert_int_eq(imp_stack_add(o.stack, dense_u), IMP_OK);
+  ck_assert_int_eq(imp_stack_add(o.stack, deq), IMP_OK);
+
+  /* Stack parameters: [U, b_U = 0, W, b]. */
+  np = imp_stack_nparams(o.stack);
+  ck_assert_int_eq(np, NTHETA + NZ);
+  memset(params, 0, sizeof params);
+  memcpy(params, theta + NZ * NZ, NZ * NX * sizeof(double));
+  memcpy(params + NZ * NX + NZ, theta, NZ * NZ * sizeof(double));
+  memcpy(params + NZ * NX + NZ + NZ * NZ, theta + NZ * NZ + NZ * NX,
+         NZ * sizeof(double));
+  memcpy(params + np, x, sizeof x);
+  memcpy(imp_stack_params(o.stack), params, np * sizeof(double));
+
+  /* The same fixed point as the callback form. */
+  ck_assert_int_eq(imp_stack_forward(o.stack, &in, x, y1), IMP_OK);
+  ref = make_deq(&opt, theta, NULL);
+  ck_assert_int_eq(imp_layer_forward(ref, &in, x, y2), IMP_OK);
+  for (int i = 0; i < NB * NZ; i++)
+    ck_assert(fabs(y1[i] - y2[i]) < 1e-12);
+  imp_layer_free(ref);
+
+  /* The whole gradient against finite differences. */
+  imp_stack_zero_grad(o.stack);
+  ck_assert_int_eq(imp_stack_backward(o.stack, grad + np, o.w), IMP_OK);
+  memcpy(grad, imp_stack_grads(o.stack), np * sizeof(double));
+  ck_assert_int_eq(
+      imp_gradcheck(stack_eval, &o, params, np + NB * NX, grad, NULL, &res),
+      IMP_OK);
+  ck_assert_msg(res.max_rel_err < 1e-6, "error %g at %zu", res.max_rel_err,
+                res.worst);
+  imp_stack_free(o.stack);
+}
+END_TEST
+
 static Suite *deq_suite(void)
 {
   Suite *s = suite_create("deq");
@@ -530,6 +620,7 @@ static Suite *deq_suite(void)
   tcase_add_test(tc, non_contractive_map_reports_noconv);
   tcase_add_test(tc, budgets_warm_start_and_spectral_radius);
   tcase_add_test(tc, bad_input);
+  tcase_add_test(tc, deq_from_layers_agrees_with_callbacks);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -149,6 +149,24 @@ int imp_deq_create(const imp_deq_map *map, const double *theta0,
                    imp_layer **out);
 
 /**
+ * Make a DEQ whose map is built from layers,
+ *
+ *     h(u, z) = core(z_layer(z) + u),
+ *
+ * where u is the DEQ's input, with as many channels as z_layer produces,
+ * and core maps back to z_channels.  For z = tanh(W z + U x + b), put a
+ * dense U before the DEQ in a stack, and pass a dense W (with b) and a tanh
+ * activation; for a convolutional DEQ, 3x3 convolutions and activations in
+ * a stack as core.  The DEQ takes ownership of both layers on success; on
+ * failure they stay the caller's.  Their parameters become the DEQ's,
+ * z_layer's first.  The vjp runs the layers' forward again at the z it is
+ * asked about, so it costs about two evaluations of h.
+ */
+int imp_deq_create_from_layers(size_t z_channels, imp_layer *z_layer,
+                               imp_layer *core, const imp_deq_options *opt,
+                               const char *name, imp_layer **out);
+
+/**
  * Replace the training (training = 1) or evaluation (0) budget of a DEQ
  * layer, e.g. to spend more iterations at test time.  Unlike the options,
  * nothing here has a default: max_iter = 0, a negative tolerance, or no

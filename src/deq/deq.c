@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "core/internal.h"
+#include "deq/deq_internal.h"
 #include "imp/deq.h"
 #include "imp/rng.h"
 
@@ -40,7 +41,8 @@ typedef enum deq_mode {
 
 typedef struct deq {
   imp_deq_map map;
-  imp_deq_options opt; /* defaults resolved */
+  imp__deq_owner owner; /* a map context the layer owns, if any */
+  imp_deq_options opt;  /* defaults resolved */
 
   /* Saved by forward for backward. */
   deq_mode mode;
@@ -439,6 +441,8 @@ static void deq_destroy(void *state)
 
   if (d == NULL)
     return;
+  if (d->owner.destroy != NULL)
+    d->owner.destroy(d->owner.ctx);
   free(d->zstar.p);
   free(d->traj.p);
   free(d->init.p);
@@ -450,11 +454,21 @@ static void deq_destroy(void *state)
   free(d);
 }
 
+static int deq_rebind(imp_layer *layer)
+{
+  deq *d = imp_layer_state(layer);
+
+  if (d->owner.rebind == NULL)
+    return IMP_OK;
+  return d->owner.rebind(d->owner.ctx, imp_layer_params(layer));
+}
+
 static const imp_layer_ops deq_ops = {
     .kind = "deq",
     .output_shape = deq_output_shape,
     .forward = deq_forward,
     .backward = deq_backward,
+    .rebind = deq_rebind,
     .destroy = deq_destroy,
 };
 
@@ -500,6 +514,13 @@ int imp_deq_create(const imp_deq_map *map, const double *theta0,
                    const imp_deq_options *opt, const char *name,
                    imp_layer **out)
 {
+  return imp__deq_create(map, theta0, opt, name, NULL, out);
+}
+
+int imp__deq_create(const imp_deq_map *map, const double *theta0,
+                    const imp_deq_options *opt, const char *name,
+                    const imp__deq_owner *owner, imp_layer **out)
+{
   deq *d;
   int rc;
 
@@ -521,10 +542,21 @@ int imp_deq_create(const imp_deq_map *map, const double *theta0,
     return imp__fail(IMP_ENOMEM, "deq_create");
   d->map = *map;
   d->opt = resolve_options(opt);
+  if (owner != NULL)
+    d->owner = *owner;
   rc = imp_layer_create(&deq_ops, d, map->ntheta, name, out);
   if (rc != IMP_OK) {
     free(d);
     return rc;
+  }
+  if (owner != NULL && owner->rebind != NULL) {
+    rc = owner->rebind(owner->ctx, imp_layer_params(*out));
+    if (rc != IMP_OK) {
+      d->owner.destroy = NULL; /* the caller keeps the context */
+      imp_layer_free(*out);
+      *out = NULL;
+      return rc;
+    }
   }
   if (theta0 != NULL && map->ntheta > 0)
     memcpy(imp_layer_params(*out), theta0, map->ntheta * sizeof(double));
