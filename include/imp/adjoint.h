@@ -74,6 +74,9 @@ typedef struct imp_adjoint_options {
   /** Fixed point: df/dy is block diagonal with this many equal blocks (a
    *  batch), each solved and stopped on its own; default 1. */
   size_t blocks;
+  /** Fixed point: the solver's memory, damping and ridge (its max_iter and
+   *  tolerances are ignored: max_iter and rtol above apply). */
+  imp_fp_options fp;
 } imp_adjoint_options;
 
 /** What one adjoint solve did. */

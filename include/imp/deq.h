@@ -106,16 +106,16 @@ typedef struct imp_deq_options {
   imp_fp_options fp;         /**< memory, damping, ridge (tolerances and budgets
                            come from train and eval) */
   imp_deq_budget train, eval;
-  imp_deq_backward backward;   /**< default IMP_DEQ_IMPLICIT */
-  imp_adjoint_options adjoint; /**< implicit mode; default method is
-                                      IMP_ADJOINT_FIXED_POINT with the
-                                      forward solver, max_iter and rtol
-                                      from the training budget */
-  size_t phantom_steps;        /**< k, default 5 */
-  double phantom_damping;      /**< l, default 0.5 */
-  size_t unroll_steps;         /**< K, default the training max_iter */
-  double unroll_damping;       /**< default 1 */
-  imp_deq_init init;           /**< default IMP_DEQ_INIT_ZERO */
+  imp_deq_backward backward; /**< default IMP_DEQ_IMPLICIT */
+  /** Implicit mode's adjoint solve.  Defaults: IMP_ADJOINT_FIXED_POINT
+   *  with the forward's solver and its memory, damping and ridge, and
+   *  max_iter and rtol from the training budget. */
+  imp_adjoint_options adjoint;
+  size_t phantom_steps;   /**< k, default 5 */
+  double phantom_damping; /**< l, default 0.5 */
+  size_t unroll_steps;    /**< K, default the training max_iter */
+  double unroll_damping;  /**< default 1 */
+  imp_deq_init init;      /**< default IMP_DEQ_INIT_ZERO */
   int noconv_ok; /**< if set, an exhausted budget returns IMP_OK with the
                       best iterate and is visible only in the statistics;
                       by default it is IMP_ENOCONV */

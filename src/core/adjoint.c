@@ -24,6 +24,7 @@
 typedef struct adjoint_config {
   imp_adjoint_method method;
   const imp_fp_type *fp_solver;
+  imp_fp_options fp;
   size_t blocks;
   double max_cond;
   size_t restart;
@@ -52,6 +53,7 @@ static adjoint_config configure(const imp_problem *p,
   c.rtol = o.rtol > 0 ? o.rtol : 1e-11;
   c.fp_solver = o.fp_solver != NULL ? o.fp_solver : imp_fp_anderson;
   c.blocks = o.blocks > 0 ? o.blocks : 1;
+  c.fp = o.fp;
   return c;
 }
 
@@ -400,11 +402,14 @@ static int solve_fixed_point(const imp_problem *p, const double *x,
 {
   fixed_point_ctx ctx = {
       .p = p, .x = x, .y = y, .theta = theta, .ybar = ybar, .st = st};
-  imp_fp_options fo = {.max_iter = c->max_iter, .rtol = c->rtol};
+  imp_fp_options fo = c->fp;
   imp_fp_stats fs;
   double bnorm = imp__nrm2(p->ny, ybar);
   int rc;
 
+  fo.max_iter = c->max_iter;
+  fo.rtol = c->rtol;
+  fo.atol = 0.0;
   if (p->ny % c->blocks != 0)
     return imp__fail(IMP_EINVAL,
                      "adjoint (fixed point): %zu blocks do not "

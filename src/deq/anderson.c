@@ -31,6 +31,7 @@ typedef struct anderson {
   double *f;     /* n x m x d: residual history, a ring per sample */
   double *g;     /* n x m x d: image history */
   size_t *count; /* n: pushes so far per sample */
+  double *dots;  /* n x m x m: f_i . f_j over the ring's slots */
   double *gram;  /* m x m scratch */
   double *alpha; /* m scratch */
 } anderson;
@@ -44,6 +45,7 @@ static void anderson_free(void *state)
   free(a->f);
   free(a->g);
   free(a->count);
+  free(a->dots);
   free(a->gram);
   free(a->alpha);
   free(a);
@@ -65,10 +67,11 @@ static int anderson_alloc(void **state, size_t n, size_t d,
   a->f = imp__dalloc(n * m * d);
   a->g = imp__dalloc(n * m * d);
   a->count = calloc(n, sizeof(size_t));
+  a->dots = imp__dalloc(n * m * m);
   a->gram = imp__dalloc(m * m);
   a->alpha = imp__dalloc(m);
-  if (a->f == NULL || a->g == NULL || a->count == NULL || a->gram == NULL ||
-      a->alpha == NULL) {
+  if (a->f == NULL || a->g == NULL || a->count == NULL || a->dots == NULL ||
+      a->gram == NULL || a->alpha == NULL) {
     anderson_free(a);
     return imp__fail(IMP_ENOMEM, "anderson history: %zu x %zu x %zu", n, m, d);
   }
@@ -76,20 +79,32 @@ static int anderson_alloc(void **state, size_t n, size_t d,
   return IMP_OK;
 }
 
-/* The mixing weights of sample b over its k stored residuals; 0 if the
+/* Refresh row and column `slot` of sample b's residual dot products
+ * after a push: k new dot products instead of a whole Gram matrix. */
+static void update_dots(anderson *a, size_t b, size_t slot, size_t k)
+{
+  const double *f = a->f + b * a->m * a->d;
+  double *dots = a->dots + b * a->m * a->m;
+
+  for (size_t j = 0; j < k; j++) {
+    double v = imp__dot(a->d, f + slot * a->d, f + j * a->d);
+
+    dots[slot * a->m + j] = dots[j * a->m + slot] = v;
+  }
+}
+
+/* The mixing weights of sample b over its k stored residuals (ring slots
+ * 0..k-1, in any order: the weights' order does not matter); 0 if the
  * regularized Gram system cannot be solved. */
 static int mixing_weights(anderson *a, size_t b, size_t k)
 {
-  const double *f = a->f + b * a->m * a->d;
+  const double *dots = a->dots + b * a->m * a->m;
   double scale = 0.0, sum = 0.0;
   int kk = (int)k, one = 1, info = 0;
 
   for (size_t i = 0; i < k; i++)
-    for (size_t j = 0; j <= i; j++) {
-      double v = imp__dot(a->d, f + i * a->d, f + j * a->d);
-
-      a->gram[i * k + j] = a->gram[j * k + i] = v;
-    }
+    for (size_t j = 0; j < k; j++)
+      a->gram[i * k + j] = dots[i * a->m + j];
   for (size_t i = 0; i < k; i++)
     scale = fmax(scale, a->gram[i * k + i]);
   if (!(scale > 0.0) || !isfinite(scale))
@@ -134,6 +149,7 @@ static int anderson_update(void *state, size_t m, const size_t *idx,
     }
     a->count[b]++;
     k = a->count[b] < a->m ? a->count[b] : a->m;
+    update_dots(a, b, slot, k);
 
     /* Mix, or fall back to a damped Picard step. */
     if (k < 2 || !mixing_weights(a, b, k)) {

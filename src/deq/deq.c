@@ -503,6 +503,9 @@ static imp_deq_options resolve_options(const imp_deq_options *opt)
     if (o.adjoint.fp_solver == NULL)
       o.adjoint.fp_solver = o.solver;
   }
+  if (o.adjoint.fp.memory == 0 && o.adjoint.fp.damping <= 0.0 &&
+      o.adjoint.fp.ridge <= 0.0)
+    o.adjoint.fp = o.fp; /* the forward's memory, damping and ridge */
   if (o.adjoint.max_iter == 0)
     o.adjoint.max_iter = o.train.max_iter;
   if (o.adjoint.rtol <= 0.0)
