@@ -24,9 +24,10 @@
  * ||g - z|| <= rtol ||g||, and is then no longer evaluated: T is called
  * only on the samples still active.  (A relative test alone is fooled by
  * iterates that run off to infinity, where ||g - z|| / ||g|| -> 0: set
- * atol, with rtol = 0, where that can happen.)  The driver returns, for every sample,
- * the iterate with the lowest residual it has seen, and IMP_ENOCONV if any
- * sample is still above tolerance when the budget runs out (never silently).
+ * atol, with rtol = 0, where that can happen.)  The driver returns, for
+ * every sample, the iterate with the lowest residual it has seen, and
+ * IMP_ENOCONV if any sample is still above tolerance when the budget runs
+ * out (never silently).
  */
 #ifndef IMP_FIXED_POINT_H
 #define IMP_FIXED_POINT_H
