@@ -14,7 +14,10 @@
  * Callback contract, shared by every callback below:
  *   - vectors are dense doubles; matrices are row-major;
  *   - the callback returns 0 on success and any non-zero value on failure,
- *     which the library reports as IMP_ECALLBACK and stops cleanly;
+ *     which the library reports as IMP_ECALLBACK and stops cleanly; a
+ *     callback may instead return one of imp's negative statuses (say
+ *     IMP_ENOMEM, or the status of an imp call it made), which is passed
+ *     on as it is;
  *   - ctx is the problem's ctx pointer, passed through untouched.
  */
 #ifndef IMP_PROBLEM_H

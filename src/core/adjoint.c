@@ -137,21 +137,22 @@ done:
 
 /* The condition number of an (rows x cols) column-major matrix from its
  * singular values; h is overwritten. */
-static double hessenberg_cond(double *h, int rows, int cols)
+static int hessenberg_cond(double *h, int rows, int cols, double *cond)
 {
   int lwork = 5 * (rows + cols) + 64, info = 0, one = 1;
   double *s = imp__dalloc((size_t)cols), *work = imp__dalloc((size_t)lwork);
-  double cond = INFINITY;
 
-  if (s != NULL && work != NULL) {
-    dgesvd_("N", "N", &rows, &cols, h, &rows, s, NULL, &one, NULL, &one, work,
-            &lwork, &info, 1, 1);
-    if (info == 0 && s[cols - 1] > 0.0)
-      cond = s[0] / s[cols - 1];
+  if (s == NULL || work == NULL) {
+    free(s);
+    free(work);
+    return imp__fail(IMP_ENOMEM, "adjoint (GMRES): singular values");
   }
+  dgesvd_("N", "N", &rows, &cols, h, &rows, s, NULL, &one, NULL, &one, work,
+          &lwork, &info, 1, 1);
+  *cond = info == 0 && s[cols - 1] > 0.0 ? s[0] / s[cols - 1] : INFINITY;
   free(s);
   free(work);
-  return cond;
+  return IMP_OK;
 }
 
 /* w = (df/dy)^T u through the vjp. */
@@ -310,7 +311,7 @@ static int solve_gmres(const imp_problem *p, const double *x, const double *y,
 
     /* The condition of the projected operator, from a copy of H. */
     {
-      double *h = imp__dalloc((k + 1) * k), cond;
+      double *h = imp__dalloc((k + 1) * k), cond = INFINITY;
 
       if (h == NULL) {
         rc = imp__fail(IMP_ENOMEM, "adjoint (GMRES): Hessenberg copy");
@@ -318,8 +319,10 @@ static int solve_gmres(const imp_problem *p, const double *x, const double *y,
       }
       for (size_t j = 0; j < k; j++)
         memcpy(h + j * (k + 1), w.hess + j * ld, (k + 1) * sizeof(double));
-      cond = hessenberg_cond(h, (int)(k + 1), (int)k);
+      rc = hessenberg_cond(h, (int)(k + 1), (int)k, &cond);
       free(h);
+      if (rc != IMP_OK)
+        goto done;
       if (cond > cond_max)
         cond_max = cond;
     }
@@ -385,7 +388,7 @@ static int adjoint_map(void *ctx, size_t m, const size_t *idx, const double *u,
     memcpy(c->u + idx[k] * d, u + k * d, d * sizeof(double));
   c->rc = apply_transpose(c->p, c->x, c->y, c->theta, c->u, c->w, c->st);
   if (c->rc != IMP_OK)
-    return 1;
+    return c->rc; /* passed on by the driver */
   for (size_t k = 0; k < m; k++) {
     size_t off = idx[k] * d;
 
@@ -429,9 +432,7 @@ static int solve_fixed_point(const imp_problem *p, const double *x,
   rc = imp_fp_solve(c->fp_solver, adjoint_map, &ctx, c->blocks, ctx.d, v, &fo,
                     &fs, NULL, NULL);
   st->iterations = fs.iterations;
-  if (rc == IMP_ECALLBACK && ctx.rc != IMP_OK)
-    rc = ctx.rc;
-  else if (rc == IMP_ENOCONV)
+  if (rc == IMP_ENOCONV)
     rc = imp__fail(IMP_ENOCONV,
                    "adjoint (fixed point, %s): relative "
                    "residual %.3g after %zu iterations, wanted %.3g; the "

@@ -22,6 +22,14 @@
  */
 int imp__fail(int status, const char *fmt, ...) IMP__PRINTF(2, 3);
 
+/*
+ * A callback's return code as a status.  0 is IMP_OK.  A negative code
+ * that is one of imp's statuses passes through as it is, its message kept:
+ * a callback the library owns (a DEQ built from layers, say) reports its
+ * own IMP_ENOMEM so.  Anything else is IMP_ECALLBACK, naming what failed.
+ */
+int imp__callback_status(int rc, const char *what);
+
 /* Send a line to the log hook, if one is installed at that level. */
 void imp__log(imp_log_level level, const char *fmt, ...) IMP__PRINTF(2, 3);
 

@@ -65,7 +65,7 @@ int imp_problem_residual(const imp_problem *p, const double *x, const double *y,
   int rc = p->residual(p->ctx, x, y, theta, r);
 
   if (rc != 0)
-    return imp__fail(IMP_ECALLBACK, "residual callback returned %d", rc);
+    return imp__callback_status(rc, "residual callback");
   if (!imp__all_finite(r, p->ny))
     return imp__fail(IMP_ENONFINITE, "residual callback produced NaN or "
                                      "Inf");
@@ -82,7 +82,7 @@ int imp_problem_vjp(const imp_problem *p, const double *x, const double *y,
     return imp__fail(IMP_EINVAL, "problem has no vjp callback");
   rc = p->vjp(p->ctx, x, y, theta, v, vjp_y, vjp_x, vjp_theta);
   if (rc != 0)
-    return imp__fail(IMP_ECALLBACK, "vjp callback returned %d", rc);
+    return imp__callback_status(rc, "vjp callback");
   if ((vjp_y != NULL && !imp__all_finite(vjp_y, p->ny)) ||
       (vjp_x != NULL && !imp__all_finite(vjp_x, p->nx)) ||
       (vjp_theta != NULL && !imp__all_finite(vjp_theta, p->ntheta)))
@@ -104,7 +104,7 @@ static int jacobian_from_jvp(const imp_problem *p, const double *x,
     rc = p->jvp(p->ctx, x, y, theta, unit, col);
     unit[j] = 0.0;
     if (rc != 0)
-      return imp__fail(IMP_ECALLBACK, "jvp callback returned %d", rc);
+      return imp__callback_status(rc, "jvp callback");
     for (size_t i = 0; i < n; i++)
       jac[i * n + j] = col[i];
   }
@@ -147,7 +147,7 @@ int imp_problem_jacobian(const imp_problem *p, const double *x, const double *y,
     if (ncalls != NULL)
       *ncalls = 1;
     if (rc != 0)
-      return imp__fail(IMP_ECALLBACK, "jacobian callback returned %d", rc);
+      return imp__callback_status(rc, "jacobian callback");
     if (!imp__all_finite(jac, n * n))
       return imp__fail(IMP_ENONFINITE, "jacobian callback produced NaN or "
                                        "Inf");

@@ -58,6 +58,15 @@ void imp_set_log(imp_log_fn fn, void *user, imp_log_level max_level)
   log_max = max_level;
 }
 
+int imp__callback_status(int rc, const char *what)
+{
+  if (rc == 0)
+    return IMP_OK;
+  if (rc < 0 && strcmp(imp_status_name(rc), "unknown") != 0)
+    return rc;
+  return imp__fail(IMP_ECALLBACK, "%s returned %d", what, rc);
+}
+
 int imp__fail(int status, const char *fmt, ...)
 {
   char line[IMP__MESSAGE_SIZE - 32]; /* room for the status name */

@@ -83,7 +83,7 @@ static int apply_map(deq *d, const double *z, double *out)
   int rc = d->map.map(d->map.ctx, &d->xs, d->x, &d->zs, z, d->theta, out);
 
   if (rc != 0)
-    return imp__fail(IMP_ECALLBACK, "deq: the map returned %d", rc);
+    return imp__callback_status(rc, "deq: the map");
   if (!imp__all_finite(out, imp_shape_numel(&d->zs)))
     return imp__fail(IMP_ENONFINITE, "deq: the map produced NaN or Inf");
   return IMP_OK;
@@ -100,7 +100,7 @@ static int apply_vjp(deq *d, const double *z, const double *v, double *vz,
   rc = d->map.vjp(d->map.ctx, &d->xs, d->x, &d->zs, z, d->theta, v, vz, vx,
                   vtheta);
   if (rc != 0)
-    return imp__fail(IMP_ECALLBACK, "deq: the vjp returned %d", rc);
+    return imp__callback_status(rc, "deq: the vjp");
   return IMP_OK;
 }
 

@@ -175,11 +175,9 @@ int imp_fp_solve(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
     double worst;
 
     /* Evaluate T on the active samples. */
-    if (map(ctx, m, w.idx, w.z, w.g) != 0) {
-      rc = imp__fail(IMP_ECALLBACK,
-                     "fixed point: the map failed at "
-                     "iteration %zu",
-                     it);
+    rc = map(ctx, m, w.idx, w.z, w.g);
+    if (rc != 0) {
+      rc = imp__callback_status(rc, "fixed point: the map");
       break;
     }
     st.evaluations += m;

@@ -109,7 +109,7 @@ static int layer_map_apply(void *ctx, const imp_shape *us, const double *u,
   imp_shape ms;
 
   (void)theta; /* the layers read it through their bound storage */
-  return run_forward(ctx, us, u, zs, z, out, &ms) == IMP_OK ? 0 : 1;
+  return run_forward(ctx, us, u, zs, z, out, &ms);
 }
 
 static int layer_map_vjp(void *ctx, const imp_shape *us, const double *u,
@@ -123,23 +123,20 @@ static int layer_map_vjp(void *ctx, const imp_shape *us, const double *u,
 
   (void)theta;
 
-  /* Backward needs the forward at this z. */
-  if (run_forward(m, us, u, zs, z, m->hout, &ms) != IMP_OK)
-    return 1;
+  /* Backward needs the forward at this z.  Failures return their status,
+   * which the DEQ passes on (imp__callback_status). */
+  IMP__TRY(run_forward(m, us, u, zs, z, m->hout, &ms));
   nm = imp_shape_numel(&ms);
   memset(m->scratch, 0, (np > 0 ? np : 1) * sizeof(double));
   memset(m->mixbar, 0, nm * sizeof(double));
 
-  if (imp_layer_backward(m->core, m->mixbar, v, &ms, m->mix, m->hout) != IMP_OK)
-    return 1;
+  IMP__TRY(imp_layer_backward(m->core, m->mixbar, v, &ms, m->mix, m->hout));
   for (size_t i = 0; vjp_x != NULL && i < nm; i++)
     vjp_x[i] += m->mixbar[i];
   if (vjp_z != NULL)
     memset(vjp_z, 0, imp_shape_numel(zs) * sizeof(double));
-  if ((vjp_z != NULL || vjp_theta != NULL) &&
-      imp_layer_backward(m->z_layer, vjp_z, m->mixbar, zs, z, m->zout) !=
-          IMP_OK)
-    return 1;
+  if (vjp_z != NULL || vjp_theta != NULL)
+    IMP__TRY(imp_layer_backward(m->z_layer, vjp_z, m->mixbar, zs, z, m->zout));
   for (size_t i = 0; vjp_theta != NULL && i < np; i++)
     vjp_theta[i] += m->scratch[i];
   return 0;

@@ -127,7 +127,7 @@ static int gsl_residual(const gsl_vector *y, void *params, gsl_vector *r)
   w->residual_evals++;
   rc = p->residual(p->ctx, w->x, yv, w->theta, rv);
   if (rc != 0) {
-    w->failure = imp__fail(IMP_ECALLBACK, "residual callback returned %d", rc);
+    w->failure = imp__callback_status(rc, "residual callback");
     return GSL_EBADFUNC;
   }
   if (!finite(rv, p->ny))
@@ -155,8 +155,7 @@ static int gsl_jacobian(const gsl_vector *y, void *params, gsl_matrix *J)
   if (p->jacobian != NULL) {
     rc = p->jacobian(p->ctx, w->x, yv, w->theta, jv);
     if (rc != 0) {
-      w->failure =
-          imp__fail(IMP_ECALLBACK, "jacobian callback returned %d", rc);
+      w->failure = imp__callback_status(rc, "jacobian callback");
       return GSL_EBADFUNC;
     }
     if (!finite(jv, n * n))
