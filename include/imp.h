@@ -22,6 +22,7 @@
 #include "imp/layer.h"
 #include "imp/rng.h"
 #include "imp/root.h"
+#include "imp/qp.h"
 #include "imp/blocks.h"
 #include "imp/loss.h"
 #include "imp/stack.h"
