@@ -51,6 +51,20 @@ typedef enum imp_adjoint_method {
 } imp_adjoint_method;
 
 /**
+ * Buffers kept from one adjoint solve to the next, so that a layer that
+ * solves many systems of one size does not allocate and fault in a dense
+ * Jacobian each time.  Not safe to share between threads at once.
+ */
+typedef struct imp_adjoint_workspace imp_adjoint_workspace;
+
+/** Make an empty workspace; the caller frees it with
+ *  imp_adjoint_workspace_free.  Returns IMP_EINVAL or IMP_ENOMEM. */
+int imp_adjoint_workspace_create(imp_adjoint_workspace **out);
+
+/** Free a workspace; NULL is accepted. */
+void imp_adjoint_workspace_free(imp_adjoint_workspace *workspace);
+
+/**
  * Options of the adjoint solve.  A zero-initialized struct (or NULL) means
  * the defaults written beside each field.
  */
@@ -77,6 +91,8 @@ typedef struct imp_adjoint_options {
   /** Fixed point: the solver's memory, damping and ridge (its max_iter and
    *  tolerances are ignored: max_iter and rtol above apply). */
   imp_fp_options fp;
+  /** Dense LU: buffers to reuse (borrowed); NULL allocates per call. */
+  imp_adjoint_workspace *workspace;
 } imp_adjoint_options;
 
 /** What one adjoint solve did. */

@@ -23,6 +23,7 @@
 /* Options with the defaults filled in. */
 typedef struct adjoint_config {
   imp_adjoint_method method;
+  imp_adjoint_workspace *workspace;
   const imp_fp_type *fp_solver;
   imp_fp_options fp;
   size_t blocks;
@@ -54,6 +55,7 @@ static adjoint_config configure(const imp_problem *p,
   c.fp_solver = o.fp_solver != NULL ? o.fp_solver : imp_fp_anderson;
   c.blocks = o.blocks > 0 ? o.blocks : 1;
   c.fp = o.fp;
+  c.workspace = o.workspace;
   return c;
 }
 
@@ -62,24 +64,78 @@ static adjoint_config configure(const imp_problem *p,
  * column-major order: factoring it as stored solves the transposed system
  * directly.
  */
+struct imp_adjoint_workspace {
+  double *dense; /* 2 ny^2 + 4 ny doubles: Jacobian, LU factors, work */
+  int *ints;     /* 2 ny: pivots and dgecon's work */
+  size_t ny;     /* the largest ny the buffers hold */
+};
+
+int imp_adjoint_workspace_create(imp_adjoint_workspace **out)
+{
+  if (out == NULL)
+    return imp__fail(IMP_EINVAL, "adjoint_workspace_create: NULL output");
+  *out = calloc(1, sizeof **out);
+  return *out != NULL ? IMP_OK
+                      : imp__fail(IMP_ENOMEM, "adjoint_workspace_create");
+}
+
+void imp_adjoint_workspace_free(imp_adjoint_workspace *w)
+{
+  if (w == NULL)
+    return;
+  free(w->dense);
+  free(w->ints);
+  free(w);
+}
+
+/* Make room for a dense solve of size ny. */
+static int workspace_reserve(imp_adjoint_workspace *w, size_t ny)
+{
+  double *dense;
+  int *ints;
+
+  if (ny <= w->ny)
+    return IMP_OK;
+  if (ny > ((size_t)-1) / sizeof(double) / (2 * ny + 4))
+    return imp__fail(IMP_ENOMEM, "adjoint (dense LU): ny = %zu", ny);
+  dense = malloc((2 * ny * ny + 4 * ny) * sizeof(double));
+  ints = malloc(2 * ny * sizeof(int));
+  if (dense == NULL || ints == NULL) {
+    free(dense);
+    free(ints);
+    return imp__fail(IMP_ENOMEM, "adjoint (dense LU): %zu x %zu Jacobian", ny,
+                     ny);
+  }
+  free(w->dense);
+  free(w->ints);
+  w->dense = dense;
+  w->ints = ints;
+  w->ny = ny;
+  return IMP_OK;
+}
+
 static int solve_dense(const imp_problem *p, const double *x, const double *y,
                        const double *theta, const double *b, double *v,
                        const adjoint_config *c, imp_adjoint_stats *st)
 {
   int n = (int)p->ny, one = 1, info = 0;
   size_t nn = p->ny * p->ny, ncalls = 0;
-  double *jac = imp__dalloc(nn), *lu = imp__dalloc(nn);
-  double *work = imp__dalloc(4 * p->ny);
-  int *ipiv = calloc(p->ny, sizeof(int)), *iwork = calloc(p->ny, sizeof(int));
-  double anorm, rcond = 0.0;
-  int rc = IMP_OK;
+  imp_adjoint_workspace local = {0}, *ws = c->workspace;
+  double *jac, *lu, *work, anorm, rcond = 0.0;
+  int *ipiv, *iwork;
+  int rc;
 
-  if (jac == NULL || lu == NULL || work == NULL || ipiv == NULL ||
-      iwork == NULL) {
-    rc = imp__fail(IMP_ENOMEM, "adjoint (dense LU): %zu x %zu Jacobian", p->ny,
-                   p->ny);
-    goto done;
-  }
+  /* The caller's buffers, or buffers of this call alone. */
+  if (ws == NULL)
+    ws = &local;
+  rc = workspace_reserve(ws, p->ny);
+  if (rc != IMP_OK)
+    return rc;
+  jac = ws->dense;
+  lu = jac + nn;
+  work = lu + nn;
+  ipiv = ws->ints;
+  iwork = ipiv + p->ny;
 
   /* Assemble and factor. */
   rc = imp_problem_jacobian(p, x, y, theta, jac, &ncalls);
@@ -127,11 +183,8 @@ static int solve_dense(const imp_problem *p, const double *x, const double *y,
   }
 
 done:
-  free(jac);
-  free(lu);
-  free(work);
-  free(ipiv);
-  free(iwork);
+  free(local.dense);
+  free(local.ints);
   return rc;
 }
 

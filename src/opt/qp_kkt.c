@@ -255,6 +255,7 @@ int imp_qp_backward(const imp_qp_dims *dims, size_t nbatch,
   imp_qp_stats st = {0};
   imp_qp_kkt kkt;
   imp_problem problem;
+  imp_adjoint_workspace *own_workspace = NULL;
   size_t ny, ntheta;
   double *theta = NULL, *tbar = NULL;
   int rc = IMP_OK;
@@ -275,6 +276,15 @@ int imp_qp_backward(const imp_qp_dims *dims, size_t nbatch,
   if (kkt.w == NULL || theta == NULL || tbar == NULL) {
     rc = imp__fail(IMP_ENOMEM, "qp_backward: %zu parameters", ntheta);
     goto done;
+  }
+
+  /* One dense KKT Jacobian's buffers for the whole batch, unless the
+   * caller brought their own. */
+  if (c.adjoint.workspace == NULL) {
+    rc = imp_adjoint_workspace_create(&own_workspace);
+    if (rc != IMP_OK)
+      goto done;
+    c.adjoint.workspace = own_workspace;
   }
 
   /* One adjoint solve per QP, on its KKT residual. */
@@ -307,6 +317,7 @@ int imp_qp_backward(const imp_qp_dims *dims, size_t nbatch,
   }
 
 done:
+  imp_adjoint_workspace_free(own_workspace);
   free(kkt.w);
   free(theta);
   free(tbar);
