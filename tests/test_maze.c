@@ -2,7 +2,8 @@
  * test_maze.c - the maze demo's generator, text format and model: perfect
  * mazes with a unique path, deterministic from the seed; reader and writer
  * round trips; every malformed input refused with its line number; the
- * model's map a sup-norm contraction; its gradients against finite
+ * model's maps sup-norm contractions; the flood's fixed point the exact
+ * geometric flood; the gradients of both models against finite
  * differences.
  */
 #include <check.h>
@@ -178,47 +179,126 @@ START_TEST(test_malformed)
 }
 END_TEST
 
-/* The map is a contraction in the sup norm: |h(z) - h(z')|_inf <=
- * gamma |z - z'|_inf for random states, on a small and a large maze. */
+/* Both maps are contractions in the sup norm: |h(z) - h(z')|_inf <=
+ * gamma |z - z'|_inf for random states, on a small and a large maze,
+ * with weights drawn far above the bound. */
 START_TEST(test_contraction)
 {
-  maze_model_config cfg = {.channels = 4, .hidden = 6, .gamma = 0.9};
+  for (int kind = MAZE_MAP_FLOOD; kind <= MAZE_MAP_RELU; kind++) {
+    maze_model_config cfg = {
+        .channels = 4, .hidden = 6, .gamma = 0.9, .kind = kind};
+    maze_model *model;
+    imp_rng rng;
+    ck_assert_int_eq(maze_model_create(&cfg, 3, NULL, &model), IMP_OK);
+    imp_rng_seed(&rng, 4);
+    double *th = imp_layer_params(maze_model_deq(model));
+    size_t nth = kind == MAZE_MAP_FLOOD ? 4 : 16;
+    for (size_t i = 0; i < nth; i++)
+      th[i] = 3.0 * imp_rng_normal(&rng); /* rows far above gamma */
+    for (size_t cells = 3; cells <= 20; cells += 17) {
+      maze m;
+      ck_assert_int_eq(maze_generate(cells, &rng, &m), 0);
+      size_t hw = m.h * m.w, nz = 4 * hw;
+      imp_shape xs = {1, 3, m.h, m.w};
+      double *x = malloc(3 * hw * sizeof *x), *z1 = malloc(nz * sizeof *z1);
+      double *z2 = malloc(nz * sizeof *z2), *h1 = malloc(nz * sizeof *h1);
+      double *h2 = malloc(nz * sizeof *h2);
+      maze_encode(&m, x);
+      for (int t = 0; t < 20; t++) {
+        double dz = 0.0, dh = 0.0;
+        imp_rng_fill_uniform(&rng, z1, nz, 0.0, 5.0);
+        imp_rng_fill_uniform(&rng, z2, nz, 0.0, 5.0);
+        ck_assert_int_eq(maze_model_map(model, &xs, x, z1, h1), IMP_OK);
+        ck_assert_int_eq(maze_model_map(model, &xs, x, z2, h2), IMP_OK);
+        for (size_t i = 0; i < nz; i++) {
+          dz = fmax(dz, fabs(z1[i] - z2[i]));
+          dh = fmax(dh, fabs(h1[i] - h2[i]));
+        }
+        ck_assert_double_le(dh, 0.9 * dz * (1 + 1e-12));
+        ck_assert_double_gt(dh, 0.0);
+      }
+      free(x);
+      free(z1);
+      free(z2);
+      free(h1);
+      free(h2);
+      maze_free(&m);
+    }
+    maze_model_free(model);
+  }
+}
+END_TEST
+
+/* Breadth-first distances (in pixels) from the pixel of kind `kind`
+ * through open pixels; unreachable pixels get -1. */
+static void bfs_distance(const maze *m, int kind, long *d)
+{
+  size_t hw = m->h * m->w, *queue = malloc(hw * sizeof *queue);
+  size_t head = 0, tail = 0;
+  for (size_t p = 0; p < hw; p++) {
+    d[p] = m->px[p] == kind ? 0 : -1;
+    if (d[p] == 0)
+      queue[tail++] = p;
+  }
+  while (head < tail) {
+    size_t p = queue[head++], q[4] = {p - 1, p + 1, p - m->w, p + m->w};
+    for (int k = 0; k < 4; k++)
+      if (m->px[q[k]] != MAZE_WALL && d[q[k]] < 0) {
+        d[q[k]] = d[p] + 1;
+        queue[tail++] = q[k];
+      }
+  }
+  free(queue);
+}
+
+/* The flood map's fixed point, reached by plain iteration from zero, is
+ * exactly the geometric flood |v_c| gamma^d(source, p) of each channel,
+ * and it is reached after (largest distance + 1) iterations. */
+START_TEST(test_flood_fixed_point)
+{
+  maze_model_config cfg = {.gamma = 0.999};
   maze_model *model;
   imp_rng rng;
-  ck_assert_int_eq(maze_model_create(&cfg, 3, NULL, &model), IMP_OK);
-  imp_rng_seed(&rng, 4);
-  double *th = imp_layer_params(maze_model_deq(model));
-  for (size_t i = 0; i < 16; i++)
-    th[i] = 3.0 * imp_rng_normal(&rng); /* rows far above gamma */
-  for (size_t cells = 3; cells <= 20; cells += 17) {
-    maze m;
-    ck_assert_int_eq(maze_generate(cells, &rng, &m), 0);
-    size_t hw = m.h * m.w, nz = 4 * hw;
-    imp_shape xs = {1, 3, m.h, m.w};
-    double *x = malloc(3 * hw * sizeof *x), *z1 = malloc(nz * sizeof *z1);
-    double *z2 = malloc(nz * sizeof *z2), *h1 = malloc(nz * sizeof *h1);
-    double *h2 = malloc(nz * sizeof *h2);
-    maze_encode(&m, x);
-    for (int t = 0; t < 20; t++) {
-      double dz = 0.0, dh = 0.0;
-      imp_rng_fill_uniform(&rng, z1, nz, 0.0, 5.0);
-      imp_rng_fill_uniform(&rng, z2, nz, 0.0, 5.0);
-      ck_assert_int_eq(maze_model_map(model, &xs, x, z1, h1), IMP_OK);
-      ck_assert_int_eq(maze_model_map(model, &xs, x, z2, h2), IMP_OK);
-      for (size_t i = 0; i < nz; i++) {
-        dz = fmax(dz, fabs(z1[i] - z2[i]));
-        dh = fmax(dh, fabs(h1[i] - h2[i]));
-      }
-      ck_assert_double_le(dh, 0.9 * dz * (1 + 1e-12));
-      ck_assert_double_gt(dh, 0.0);
-    }
-    free(x);
-    free(z1);
-    free(z2);
-    free(h1);
-    free(h2);
-    maze_free(&m);
+  maze m;
+  ck_assert_int_eq(maze_model_create(&cfg, 5, NULL, &model), IMP_OK);
+  imp_rng_seed(&rng, 6);
+  ck_assert_int_eq(maze_generate(12, &rng, &m), 0);
+  size_t hw = m.h * m.w, nz = 2 * hw;
+  imp_shape xs = {1, 3, m.h, m.w};
+  double *x = malloc(3 * hw * sizeof *x), *z = calloc(nz, sizeof *z);
+  double *hz = malloc(nz * sizeof *hz);
+  long *ds = malloc(hw * sizeof *ds), *dg = malloc(hw * sizeof *dg);
+  const double *v = imp_layer_params(maze_model_deq(model));
+  long dmax = 0;
+  maze_encode(&m, x);
+  bfs_distance(&m, MAZE_START, ds);
+  bfs_distance(&m, MAZE_GOAL, dg);
+  for (size_t p = 0; p < hw; p++)
+    dmax = ds[p] > dmax ? ds[p] : (dg[p] > dmax ? dg[p] : dmax);
+  for (long k = 0; k <= dmax; k++) {
+    ck_assert_int_eq(maze_model_map(model, &xs, x, z, hz), IMP_OK);
+    memcpy(z, hz, nz * sizeof *z);
   }
+  ck_assert_int_eq(maze_model_map(model, &xs, x, z, hz), IMP_OK);
+  for (size_t p = 0; p < hw; p++) {
+    ck_assert_double_eq(hz[p], z[p]); /* an exact fixed point */
+    if (m.px[p] == MAZE_WALL) {
+      ck_assert_double_eq(z[p], 0.0);
+      ck_assert_double_eq(z[hw + p], 0.0);
+      continue;
+    }
+    /* Tolerance 1e-12 relative: d multiplications by gamma. */
+    double es = fabs(v[0]) * pow(0.999, (double)ds[p]);
+    double eg = fabs(v[1]) * pow(0.999, (double)dg[p]);
+    ck_assert_double_eq_tol(z[p], es, 1e-12 * es);
+    ck_assert_double_eq_tol(z[hw + p], eg, 1e-12 * eg);
+  }
+  free(x);
+  free(z);
+  free(hz);
+  free(ds);
+  free(dg);
+  maze_free(&m);
   maze_model_free(model);
 }
 END_TEST
@@ -264,10 +344,17 @@ static int model_value(void *vctx, const double *theta, double *loss)
 }
 
 /* Gradients of the loss through the DEQ (implicit backward, fixed-point
- * adjoint) and the head against central differences. */
+ * adjoint) and the head against central differences, for each map (the
+ * loop index _i is the map's kind).  The flood's source gains get a
+ * gradient of zero up to rounding, since the head is scale-free; the
+ * head's parameters carry the check there. */
 START_TEST(test_gradient)
 {
-  maze_model_config cfg = {.channels = 3, .hidden = 4, .gamma = 0.9};
+  int kind = _i;
+  maze_model_config cfg = {.channels = kind == MAZE_MAP_FLOOD ? 2 : 3,
+                           .hidden = 4,
+                           .gamma = 0.9,
+                           .kind = kind};
   imp_deq_options dq = {0};
   loss_ctx c = {0};
   imp_rng rng;
@@ -277,6 +364,8 @@ START_TEST(test_gradient)
   dq.train.rtol = 1e-13;
   dq.adjoint.rtol = 1e-13;
   dq.adjoint.max_iter = 2000;
+  if (kind == MAZE_MAP_FLOOD)
+    dq.solver = imp_fp_picard; /* Anderson stalls on the max (see docs) */
   ck_assert_int_eq(maze_model_create(&cfg, 8, &dq, &c.model), IMP_OK);
   imp_rng_seed(&rng, 21);
   c.xs = (imp_shape){2, 3, 7, 7};
@@ -329,7 +418,8 @@ static Suite *maze_suite(void)
   tcase_add_test(tc, test_round_trip);
   tcase_add_test(tc, test_malformed);
   tcase_add_test(tc, test_contraction);
-  tcase_add_test(tc, test_gradient);
+  tcase_add_test(tc, test_flood_fixed_point);
+  tcase_add_loop_test(tc, test_gradient, MAZE_MAP_FLOOD, MAZE_MAP_RELU + 1);
   suite_add_tcase(s, tc);
   return s;
 }

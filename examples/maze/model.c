@@ -11,11 +11,11 @@
 #include "imp/rng.h"
 #include "imp/status.h"
 
-#define NX 3      /* input channels: open, start, goal */
-#define EPS 1e-30 /* keeps the ratio features defined where z is zero */
+#define NX 3       /* input channels: open, start, goal */
+#define EPS 1e-300 /* keeps the ratio features defined where z is zero */
 /* Below this z_q + z_p the features are held constant in backward: their
- * derivative there is of order 1 / (z_q + z_p) and carries no signal. */
-#define FLAT 1e-20
+ * derivative there is of order 1 / (z_q + z_p) and would overflow. */
+#define FLAT 1e-280
 
 /* Growable double and index buffers. */
 typedef struct dbuf {
@@ -55,6 +55,7 @@ static int lgrow(lbuf *b, size_t n)
 /* The map's context: sizes and scratch for one call at a time. */
 typedef struct map_ctx {
   size_t c;
+  int kind;         /* MAZE_MAP_FLOOD or MAZE_MAP_RELU */
   int sources_only; /* no bias and no open-channel input: only S and G
                        feed the floods */
   double gamma;
@@ -306,6 +307,131 @@ static int map_vjp(void *vctx, const imp_shape *xs, const double *x,
 }
 
 /* ------------------------------------------------------------------ */
+/* The flood map                                                        */
+/* ------------------------------------------------------------------ */
+
+/* The input channel (1: start, 2: goal) that feeds state channel ch: the
+ * first half of the channels is fed by S, the second half by G. */
+static size_t flood_source(const map_ctx *ctx, size_t ch)
+{
+  return ch < ctx->c / 2 ? 1 : 2;
+}
+
+/* The largest z over the open 4-neighbours of pixel (i, j), 0 if none.
+ * The first and last rows and columns check their bounds. */
+static double open_max(const double *open, const double *z, size_t h, size_t w,
+                       size_t i, size_t j)
+{
+  size_t p = i * w + j;
+  double best = -INFINITY;
+
+  if (i > 0 && open[p - w] > 0.5)
+    best = z[p - w];
+  if (i + 1 < h && open[p + w] > 0.5 && z[p + w] > best)
+    best = z[p + w];
+  if (j > 0 && open[p - 1] > 0.5 && z[p - 1] > best)
+    best = z[p - 1];
+  if (j + 1 < w && open[p + 1] > 0.5 && z[p + 1] > best)
+    best = z[p + 1];
+  return best == -INFINITY ? 0.0 : best;
+}
+
+/* out_c(p) = o(p) max(gamma m_c(p), |v_c| x_src(c)(p)).  This is the
+ * solver's inner loop, so it finds each maximum directly (the vjp uses
+ * neighbour_max, which also records where it came from). */
+static int flood_forward(void *vctx, const imp_shape *xs, const double *x,
+                         const imp_shape *zs, const double *z,
+                         const double *theta, double *out)
+{
+  map_ctx *ctx = vctx;
+  size_t c = ctx->c, h = zs->h, w = zs->w, hw = h * w;
+
+  for (size_t s = 0; s < zs->n; s++) {
+    const double *xb = x + s * NX * hw;
+    for (size_t r = 0; r < c; r++) {
+      const double *src = xb + flood_source(ctx, r) * hw;
+      const double *zc = z + (s * c + r) * hw;
+      double *oc = out + (s * c + r) * hw, gain = fabs(theta[r]);
+      for (size_t i = 0; i < h; i++)
+        for (size_t j = 0; j < w; j++) {
+          size_t p = i * w + j;
+          double carried = 0.0;
+          if (xb[p] < 0.5) {
+            oc[p] = 0.0;
+            continue;
+          }
+          if (i > 0 && j > 0 && i + 1 < h && j + 1 < w) {
+            double best = -INFINITY;
+            if (xb[p - w] > 0.5)
+              best = zc[p - w];
+            if (xb[p + w] > 0.5 && zc[p + w] > best)
+              best = zc[p + w];
+            if (xb[p - 1] > 0.5 && zc[p - 1] > best)
+              best = zc[p - 1];
+            if (xb[p + 1] > 0.5 && zc[p + 1] > best)
+              best = zc[p + 1];
+            carried = best == -INFINITY ? 0.0 : best;
+          } else
+            carried = open_max(xb, zc, h, w, i, j);
+          carried *= ctx->gamma;
+          oc[p] = fmax(carried, gain * src[p]);
+        }
+    }
+  }
+  (void)xs;
+  return 0;
+}
+
+/* The flood map's vjp: each output pixel passes its cotangent either to
+ * the neighbour its maximum came from (times gamma) or to its source. */
+static int flood_vjp(void *vctx, const imp_shape *xs, const double *x,
+                     const imp_shape *zs, const double *z, const double *theta,
+                     const double *v, double *vjp_z, double *vjp_x,
+                     double *vjp_theta)
+{
+  map_ctx *ctx = vctx;
+  size_t c = ctx->c, hw = zs->h * zs->w;
+
+  if (prepare(ctx, hw) != 0)
+    return -1;
+  if (vjp_z != NULL)
+    memset(vjp_z, 0, zs->n * c * hw * sizeof *vjp_z);
+  for (size_t s = 0; s < zs->n; s++) {
+    const double *xb = x + s * NX * hw, *zb = z + s * c * hw;
+    const double *vb = v + s * c * hw;
+
+    neighbour_max(c, zs->h, zs->w, xb, zb, ctx->m.p, ctx->arg.p);
+    for (size_t r = 0; r < c; r++) {
+      size_t k = flood_source(ctx, r);
+      const double *src = xb + k * hw;
+      double gain = fabs(theta[r]);
+      double sg = theta[r] > 0.0 ? 1.0 : (theta[r] < 0.0 ? -1.0 : 0.0);
+      for (size_t p = 0; p < hw; p++) {
+        double g = vb[r * hw + p];
+        double carried = ctx->gamma * ctx->m.p[r * hw + p];
+        double fed = gain * src[p];
+        if (xb[p] < 0.5)
+          continue;
+        if (vjp_x != NULL)
+          vjp_x[s * NX * hw + p] += g * fmax(carried, fed);
+        if (carried > fed) {
+          if (vjp_z != NULL)
+            vjp_z[s * c * hw + (size_t)ctx->arg.p[r * hw + p]] +=
+                ctx->gamma * g;
+        } else {
+          if (vjp_theta != NULL)
+            vjp_theta[r] += g * sg * src[p];
+          if (vjp_x != NULL)
+            vjp_x[s * NX * hw + k * hw + p] += g * gain;
+        }
+      }
+    }
+  }
+  (void)xs;
+  return 0;
+}
+
+/* ------------------------------------------------------------------ */
 /* The head                                                             */
 /* ------------------------------------------------------------------ */
 
@@ -520,8 +646,16 @@ int maze_model_create(const maze_model_config *cfg, uint64_t seed,
     return IMP_ENOMEM;
   if (cfg != NULL)
     m->cfg = *cfg;
+  if (m->cfg.kind != MAZE_MAP_FLOOD && m->cfg.kind != MAZE_MAP_RELU) {
+    free(m);
+    return IMP_EINVAL;
+  }
   if (m->cfg.channels == 0)
-    m->cfg.channels = 8;
+    m->cfg.channels = m->cfg.kind == MAZE_MAP_FLOOD ? 2 : 8;
+  if (m->cfg.kind == MAZE_MAP_FLOOD && m->cfg.channels % 2 != 0) {
+    free(m);
+    return IMP_EINVAL;
+  }
   if (m->cfg.hidden == 0)
     m->cfg.hidden = 16;
   if (!(m->cfg.gamma > 0.0))
@@ -529,36 +663,42 @@ int maze_model_create(const maze_model_config *cfg, uint64_t seed,
   c = m->cfg.channels;
   nh = m->cfg.hidden;
   m->map.c = c;
+  m->map.kind = m->cfg.kind;
   m->map.gamma = m->cfg.gamma;
   m->map.sources_only = m->cfg.sources_only;
   imp_rng_seed(&rng, seed);
 
-  /* The map's parameters: W near gamma I (each channel its own flood to
-   * begin with), V normal, b zero. */
-  ntheta = c * c + c * NX + c;
+  /* The map's parameters.  Flood: the source gains v, near 1.  Relu: W
+   * near gamma I (each channel its own flood to begin with), V normal, b
+   * zero. */
+  int flood = m->cfg.kind == MAZE_MAP_FLOOD;
+  ntheta = flood ? c : c * c + c * NX + c;
   theta = calloc(ntheta, sizeof *theta);
   if (theta == NULL) {
     free(m);
     return IMP_ENOMEM;
   }
-  for (size_t r = 0; r < c; r++)
+  for (size_t r = 0; flood && r < c; r++)
+    theta[r] = 1.0 + 0.1 * imp_rng_normal(&rng);
+  for (size_t r = 0; !flood && r < c; r++)
     for (size_t k = 0; k < c; k++)
       theta[r * c + k] =
           (r == k ? m->cfg.gamma : 0.0) + 0.05 * imp_rng_normal(&rng);
-  for (size_t i = 0; i < c * NX; i++)
+  for (size_t i = 0; !flood && i < c * NX; i++)
     theta[c * c + i] = 0.5 * imp_rng_normal(&rng);
 
   imp_deq_map map = {.ntheta = ntheta,
                      .x_channels = NX,
                      .z_channels = c,
-                     .map = map_forward,
-                     .vjp = map_vjp,
+                     .map = flood ? flood_forward : map_forward,
+                     .vjp = flood ? flood_vjp : map_vjp,
                      .ctx = &m->map};
+  const char *name = flood
+                         ? "maze-deq-flood"
+                         : (m->cfg.sources_only ? "maze-deq-src" : "maze-deq");
   rc = imp_stack_create("maze", &m->stack);
   if (rc == IMP_OK)
-    rc = imp_deq_create(&map, theta, deq,
-                        m->cfg.sources_only ? "maze-deq-src" : "maze-deq",
-                        &m->deq);
+    rc = imp_deq_create(&map, theta, deq, name, &m->deq);
   free(theta);
   if (rc == IMP_OK) {
     rc = imp_stack_add(m->stack, m->deq);
@@ -668,7 +808,9 @@ int maze_model_map(maze_model *m, const imp_shape *xs, const double *x,
 {
   imp_shape zs = *xs;
   zs.c = m->cfg.channels;
-  if (map_forward(&m->map, xs, x, &zs, z, imp_layer_params(m->deq), out) != 0)
+  imp_deq_map_fn fn =
+      m->cfg.kind == MAZE_MAP_FLOOD ? flood_forward : map_forward;
+  if (fn(&m->map, xs, x, &zs, z, imp_layer_params(m->deq), out) != 0)
     return IMP_ENOMEM;
   return IMP_OK;
 }

@@ -1,35 +1,41 @@
 /*
- * model.h - the maze DEQ: a max-propagation map that is a contraction in
- * the sup norm by construction, and a scale-free head.
+ * model.h - the maze DEQ: a flood map that is a contraction in the sup
+ * norm by construction, and a scale-free head.
  *
  * Input x, per pixel: open o, start s, goal g (3 channels).  State z: C
- * non-negative channels per pixel.  The map is
+ * non-negative channels per pixel (C even, default 2).  The map (the
+ * default, MAZE_MAP_FLOOD) is
  *
- *     h(x, z)(p) = o(p) relu(A m(p) + V x(p) + b),
+ *     h(x, z)_c(p) = o(p) max(gamma m_c(p), |v_c| x_src(c)(p)),
  *     m_c(p) = max { z_c(q) : q an open 4-neighbour of p }  (0 if none),
  *
- * with A = W re-parameterized row by row, A_r = W_r min(1, gamma / |W_r|_1),
- * so that every row of A has absolute sum at most gamma < 1.  The maximum
- * over neighbours is 1-Lipschitz in the sup norm, relu and the wall mask
- * are too, and |A|_inf <= gamma, so
+ * where the first C/2 channels are fed by the start (src = s) and the
+ * others by the goal (src = g), with learned gains v.  There is no bias
+ * and no other input in the recurrence, so h is positively homogeneous in
+ * (x-sources, z).  The maximum over neighbours, the maximum with a
+ * constant and the wall mask are 1-Lipschitz in the sup norm, so
  *
  *     |h(x, z) - h(x, z')|_inf <= gamma |z - z'|_inf
  *
  * on every image size: a contraction with a unique fixed point, reached
- * from any start (Banach), whose bound does not depend on the maze's size
- * (a sup-norm bound of a local map is the same on every grid).  Information
- * moves one pixel per iteration and only along corridors.
+ * from any start (Banach).  The fixed point is the geometric flood
+ * z*_c(p) = |v_c| gamma^d(src, p), d the corridor distance (max-times
+ * form of a shortest-path recursion), and plain iteration from zero
+ * reaches it exactly after (largest distance + 1) steps.  The relu map
+ * of the first version (MAZE_MAP_RELU, model.c) is kept for comparison:
+ *
+ *     h(x, z)(p) = o(p) relu(A m(p) + V x(p) + b),  |A_r|_1 <= gamma.
  *
  * Head, per pixel p and direction e (4 of them), with q = p + e:
  *
  *     f_{e,c}(p) = o(p) o(q) tanh(k (z_c(q) - z_c(p)) /
- *                                  (z_c(q) + z_c(p) + eps)),
+ *                                  (z_c(q) + z_c(p))),
  *     logits(p) = W2 relu(W1 f(p) + V1 x(p) + b1) + b2   (2 classes),
  *
  * k = 2 / (1 - gamma).  The features compare each channel with its
- * neighbours by ratio, so they do not change when a channel is scaled: a
- * flood that decays like gamma^distance gives the same features at
- * distance 5 and at distance 5000.
+ * neighbours by ratio, so they do not change when a channel is scaled: on
+ * the flood z(q) / z(p) is 1/gamma (q nearer the source) or gamma, and the
+ * features are +-tanh(2 / (1 + gamma)) at distance 5 and at distance 5000.
  */
 #ifndef IMP_MAZE_MODEL_H
 #define IMP_MAZE_MODEL_H
@@ -44,13 +50,19 @@
 extern "C" {
 #endif
 
+/** The two maps: the flood (default) and the relu map of the first
+ *  version, kept for comparison. */
+enum { MAZE_MAP_FLOOD = 0, MAZE_MAP_RELU = 1 };
+
 /** Architecture; the zero value means the defaults beside the fields. */
 typedef struct maze_model_config {
-  size_t channels;  /**< C, default 8 */
+  size_t channels;  /**< C, default 2 (flood, even) or 8 (relu) */
   size_t hidden;    /**< head width, default 16 */
   double gamma;     /**< sup-norm contraction bound, default 0.999 */
   int sources_only; /**< 1: b = 0 and no open-channel term in V x, so
-                         only S and G feed the floods (default 0) */
+                         only S and G feed the floods (default 0);
+                         relu map only */
+  int kind;         /**< MAZE_MAP_FLOOD (default) or MAZE_MAP_RELU */
 } maze_model_config;
 
 typedef struct maze_model maze_model;
