@@ -288,6 +288,48 @@ START_TEST(conv_stack_and_checkpoint)
 }
 END_TEST
 
+/* ------------------------------------------------------------------ */
+/* QP: the projection of a point onto {z : z >= 0, 1^T z = 1} for a batch
+ * of two, both the primal and the dual reduced systems, then the KKT
+ * backward. */
+
+static int qp_scenario(imp_qp_system system)
+{
+  imp_qp_dims dims = {.nz = 3, .nineq = 3, .neq = 1};
+  double q[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1},
+         g[9] = {-1, 0, 0, 0, -1, 0, 0, 0, -1};
+  double h[3] = {0}, a[3] = {1, 1, 1}, b[1] = {1};
+  double p[6] = {-0.2, -0.9, 0.4, 0.3, -0.1, -0.5};
+  double y[14], ybar[14] = {1, -2, 0.5, 0, 0, 0, 0, -1, 1, 2, 0, 0, 0, 0};
+  double pbar[6] = {0}, qbar[9] = {0};
+  imp_qp_data data = {
+      .Q = q, .p = p, .p_stride = 3, .A = a, .b = b, .G = g, .h = h};
+  imp_qp_grad grad = {.Q = qbar, .p = pbar, .p_stride = 3};
+  imp_qp_options opt = {.system = system};
+  int rc;
+
+  rc = imp_qp_solve(&dims, 2, &data, y, &opt, NULL);
+  if (rc == IMP_OK)
+    rc = imp_qp_backward(&dims, 2, &data, y, ybar, &grad, &opt, NULL);
+  return rc;
+}
+
+static int qp_primal(void)
+{
+  return qp_scenario(IMP_QP_SYSTEM_PRIMAL);
+}
+static int qp_auto(void)
+{
+  return qp_scenario(IMP_QP_SYSTEM_AUTO);
+}
+
+START_TEST(qp_solve_and_backward)
+{
+  exhaust("qp (primal system)", qp_primal);
+  exhaust("qp (auto system)", qp_auto);
+}
+END_TEST
+
 static Suite *alloc_suite(void)
 {
   Suite *s = suite_create("alloc");
@@ -296,6 +338,7 @@ static Suite *alloc_suite(void)
   tcase_add_test(tc, root_layer);
   tcase_add_test(tc, deq_layer);
   tcase_add_test(tc, conv_stack_and_checkpoint);
+  tcase_add_test(tc, qp_solve_and_backward);
   suite_add_tcase(s, tc);
   return s;
 }
