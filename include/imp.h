@@ -23,6 +23,7 @@
 #include "imp/rng.h"
 #include "imp/root.h"
 #include "imp/qp.h"
+#include "imp/ode.h"
 #include "imp/blocks.h"
 #include "imp/loss.h"
 #include "imp/stack.h"
