@@ -12,7 +12,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
 packages=(gcc pkg-config meson ninja-build cmake libgsl-dev libsundials-dev
-          libopenblas-dev check clang-format)
+          libopenblas-dev check clang-format doxygen chromium)
 
 install_missing() {
     local missing=()
