@@ -330,6 +330,74 @@ START_TEST(qp_solve_and_backward)
 }
 END_TEST
 
+/* ------------------------------------------------------------------ */
+/* ODE: dh/dt = A h with A = [[-theta, 1], [-1, -theta]], a batch of two,
+ * outputs at two times, forward and adjoint, Adams and BDF. */
+
+static int spiral_rhs(void *ctx, const double *t, const double *h,
+                      const double *theta, double *out)
+{
+  (void)ctx, (void)t;
+  out[0] = -theta[0] * h[0] + h[1];
+  out[1] = -h[0] - theta[0] * h[1];
+  return 0;
+}
+
+static int spiral_vjp(void *ctx, const double *t, const double *h,
+                      const double *theta, const double *v, double *vh,
+                      double *vt, double *vtheta)
+{
+  (void)ctx, (void)t, (void)vt;
+  if (vh != NULL) {
+    vh[0] = -theta[0] * v[0] - v[1];
+    vh[1] = v[0] - theta[0] * v[1];
+  }
+  if (vtheta != NULL)
+    vtheta[0] -= v[0] * h[0] + v[1] * h[1];
+  return 0;
+}
+
+static int ode_scenario(imp_ode_method method)
+{
+  imp_ode_field field = {
+      .d = 2, .ntheta = 1, .rhs = spiral_rhs, .vjp = spiral_vjp};
+  imp_ode_options opt = {.method = method, .rtol = 1e-8, .atol = 1e-10};
+  double times[2] = {0.5, 1.0}, x[4] = {1, 0, 0, 2}, y[8];
+  double ybar[8] = {1, 0, 0, 1, -1, 2, 0.5, 0}, xbar[4] = {0};
+  imp_shape in = {2, 2, 1, 1};
+  imp_layer *ode = NULL;
+  int rc;
+
+  rc = imp_ode_create(&field, 0.0, times, 2, &opt, "spiral", &ode);
+  if (rc == IMP_OK) {
+    imp_layer_params(ode)[0] = 0.1;
+    rc = imp_layer_forward(ode, &in, x, y);
+  }
+  if (rc == IMP_OK)
+    rc = imp_layer_backward(ode, xbar, ybar, &in, x, y);
+  imp_layer_free(ode);
+  return rc;
+}
+
+static int ode_adams(void)
+{
+  return ode_scenario(IMP_ODE_ADAMS);
+}
+static int ode_bdf(void)
+{
+  return ode_scenario(IMP_ODE_BDF);
+}
+
+START_TEST(ode_layer)
+{
+  /* SUNDIALS 6.4.1 dereferences its own failed allocations (N_VClone,
+   * SUNLogger_Create): only imp's allocations are failed here. */
+  failalloc_exempt("libsundials");
+  exhaust("ode (adams)", ode_adams);
+  exhaust("ode (bdf)", ode_bdf);
+}
+END_TEST
+
 static Suite *alloc_suite(void)
 {
   Suite *s = suite_create("alloc");
@@ -339,6 +407,7 @@ static Suite *alloc_suite(void)
   tcase_add_test(tc, deq_layer);
   tcase_add_test(tc, conv_stack_and_checkpoint);
   tcase_add_test(tc, qp_solve_and_backward);
+  tcase_add_test(tc, ode_layer);
   suite_add_tcase(s, tc);
   return s;
 }
