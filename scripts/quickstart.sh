@@ -64,7 +64,7 @@ install_missing
 case "$mode" in
 demo)
     build build
-    exec build/examples/imp-root-demo
+    exec build/examples/imp-tour
     ;;
 test)
     build build

@@ -39,6 +39,49 @@
  * that have not yet converged, packed together.  Shapes: x is (n, cx, H, W)
  * as given to forward, z is (n, z_channels, H, W) with the same H and W,
  * so a convolutional DEQ trained on small images runs on large ones.
+ *
+ * Example: the scalar DEQ z = tanh(w z + x), whose implicit derivative is
+ * dz/dx = h' / (1 - w h') with h' = 1 - z^2.
+ *
+ *     static int map(void *ctx, const imp_shape *xs, const double *x,
+ *                    const imp_shape *zs, const double *z,
+ *                    const double *theta, double *out)
+ *     {
+ *       (void)ctx; (void)xs;
+ *       for (size_t i = 0; i < zs->n; i++)
+ *         out[i] = tanh(theta[0] * z[i] + x[i]);
+ *       return 0;
+ *     }
+ *     static int vjp(void *ctx, const imp_shape *xs, const double *x,
+ *                    const imp_shape *zs, const double *z,
+ *                    const double *theta, const double *v, double *vz,
+ *                    double *vx, double *vtheta)
+ *     {
+ *       (void)ctx; (void)xs;
+ *       for (size_t i = 0; i < zs->n; i++) {
+ *         double h = tanh(theta[0] * z[i] + x[i]), d = v[i] * (1 - h * h);
+ *         if (vz != NULL) vz[i] = theta[0] * d;
+ *         if (vx != NULL) vx[i] += d;
+ *         if (vtheta != NULL) vtheta[0] += d * z[i];
+ *       }
+ *       return 0;
+ *     }
+ *
+ *     imp_deq_map m = {.ntheta = 1, .x_channels = 1, .z_channels = 1,
+ *                      .map = map, .vjp = vjp};
+ *     imp_deq_options opt = {.train = {.max_iter = 100, .rtol = 1e-10}};
+ *     double w = 0.5, x[2] = {0.3, -1.0}, z[2], zbar[2] = {1, 1};
+ *     double xbar[2] = {0, 0};
+ *     imp_shape in = {2, 1, 1, 1};
+ *     imp_layer *deq;
+ *
+ *     imp_deq_create(&m, &w, &opt, "deq", &deq);
+ *     imp_layer_forward(deq, &in, x, z);          z = {0.50083, -0.89522}
+ *     imp_layer_backward(deq, xbar, zbar, &in, x, z);
+ *                                   xbar = {1.19787, 0.22047} = dz/dx
+ *     imp_layer_free(deq);
+ *
+ * (Check every status in real code.)
  */
 #ifndef IMP_DEQ_H
 #define IMP_DEQ_H
