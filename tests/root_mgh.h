@@ -543,8 +543,9 @@ static void mgh_gsl_free(mgh_gsl *g)
 
 /*
  * GSL's own loop from the system's start times factor: iterate, then test
- * the residual sum |f_i| < tol, at most max_iter times.  Returns GSL_SUCCESS, the
- * failing status of set or iterate, or GSL_CONTINUE if the budget ran out.
+ * the residual sum |f_i| < tol, at most max_iter times.  Returns
+ * GSL_SUCCESS, the failing status of set or iterate, or GSL_CONTINUE if
+ * the budget ran out.
  * The caller turns GSL's error handler off.
  */
 static int mgh_gsl_solve(mgh_gsl *g, double factor, double tol, size_t max_iter,

@@ -3,8 +3,8 @@
  * problem.
  *
  * For y*(x) with f(x, y*) = 0 and a loss gradient ybar = dL/dy, reverse
- * mode needs xbar = J^T ybar with J the Jacobian of y* in x.  The implicit function theorem turns
- * it into the adjoint equation
+ * mode needs xbar = J^T ybar with J the Jacobian of y* in x.  The
+ * implicit function theorem turns it into the adjoint equation
  *
  *     g(v) = (df/dy)^T v + ybar = 0,     then  xbar = (df/dx)^T v,
  *
