@@ -179,12 +179,12 @@ START_TEST(test_malformed)
 }
 END_TEST
 
-/* Both maps are contractions in the sup norm: |h(z) - h(z')|_inf <=
+/* All three maps are contractions in the sup norm: |h(z) - h(z')|_inf <=
  * gamma |z - z'|_inf for random states, on a small and a large maze,
  * with weights drawn far above the bound. */
 START_TEST(test_contraction)
 {
-  for (int kind = MAZE_MAP_FLOOD; kind <= MAZE_MAP_RELU; kind++) {
+  for (int kind = MAZE_MAP_FLOOD; kind <= MAZE_MAP_MIX; kind++) {
     maze_model_config cfg = {
         .channels = 4, .hidden = 6, .gamma = 0.9, .kind = kind};
     maze_model *model;
@@ -192,7 +192,7 @@ START_TEST(test_contraction)
     ck_assert_int_eq(maze_model_create(&cfg, 3, NULL, &model), IMP_OK);
     imp_rng_seed(&rng, 4);
     double *th = imp_layer_params(maze_model_deq(model));
-    size_t nth = kind == MAZE_MAP_FLOOD ? 4 : 16;
+    size_t nth = kind == MAZE_MAP_FLOOD ? 4 : (kind == MAZE_MAP_MIX ? 24 : 16);
     for (size_t i = 0; i < nth; i++)
       th[i] = 3.0 * imp_rng_normal(&rng); /* rows far above gamma */
     for (size_t cells = 3; cells <= 20; cells += 17) {
@@ -351,10 +351,11 @@ static int model_value(void *vctx, const double *theta, double *loss)
 START_TEST(test_gradient)
 {
   int kind = _i;
-  maze_model_config cfg = {.channels = kind == MAZE_MAP_FLOOD ? 2 : 3,
-                           .hidden = 4,
-                           .gamma = 0.9,
-                           .kind = kind};
+  maze_model_config cfg = {
+      .channels = kind == MAZE_MAP_RELU ? 3 : 2 + 2 * (kind == MAZE_MAP_MIX),
+      .hidden = 4,
+      .gamma = 0.9,
+      .kind = kind};
   imp_deq_options dq = {0};
   loss_ctx c = {0};
   imp_rng rng;
@@ -364,7 +365,7 @@ START_TEST(test_gradient)
   dq.train.rtol = 1e-13;
   dq.adjoint.rtol = 1e-13;
   dq.adjoint.max_iter = 2000;
-  if (kind == MAZE_MAP_FLOOD)
+  if (kind != MAZE_MAP_RELU)
     dq.solver = imp_fp_picard; /* Anderson stalls on the max (see docs) */
   ck_assert_int_eq(maze_model_create(&cfg, 8, &dq, &c.model), IMP_OK);
   imp_rng_seed(&rng, 21);
@@ -398,6 +399,14 @@ START_TEST(test_gradient)
    * converged to 1e-13; the map is piecewise smooth (max and relu). */
   ck_assert_msg(res.max_rel_err < 1e-4, "entry %zu: %g vs %g (%g)", res.worst,
                 res.analytic, res.numeric, res.max_rel_err);
+
+  /* The mixing map's recurrence is learned: its mixing logits W (the
+   * first C^2 parameters) get a gradient that is not rounding noise. */
+  double gw = 0.0;
+  for (size_t i = 0; kind == MAZE_MAP_MIX && i < 16; i++)
+    gw = fmax(gw, fabs(grad[i]));
+  if (kind == MAZE_MAP_MIX)
+    ck_assert_double_gt(gw, 1e-6);
   free(theta);
   free(grad);
   free(c.x);
@@ -419,7 +428,7 @@ static Suite *maze_suite(void)
   tcase_add_test(tc, test_malformed);
   tcase_add_test(tc, test_contraction);
   tcase_add_test(tc, test_flood_fixed_point);
-  tcase_add_loop_test(tc, test_gradient, MAZE_MAP_FLOOD, MAZE_MAP_RELU + 1);
+  tcase_add_loop_test(tc, test_gradient, MAZE_MAP_FLOOD, MAZE_MAP_MIX + 1);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -54,7 +54,7 @@ typedef struct options {
   size_t ckpt_every, train_iter, channels, hidden, count_random;
   double minutes, lr, rtol, gamma;
   uint64_t seed;
-  int solution, fresh, sources, relu;
+  int solution, fresh, sources, relu, mix;
 } options;
 
 static void defaults(options *o)
@@ -92,6 +92,8 @@ static int parse_options(int argc, char **argv, options *o, int want_file)
       o->sources = 1;
     else if (strcmp(a, "--relu-map") == 0)
       o->relu = 1;
+    else if (strcmp(a, "--mix-map") == 0)
+      o->mix = 1;
     else if (strcmp(a, "--fresh") == 0)
       o->fresh = 1;
     else if (OPT("--size"))
@@ -158,11 +160,13 @@ static int parse_options(int argc, char **argv, options *o, int want_file)
 static int make_model(const options *o, int given, maze_model **model)
 {
   imp_deq_options dq = {0};
-  maze_model_config cfg = {.channels = o->channels,
-                           .hidden = o->hidden,
-                           .gamma = o->gamma,
-                           .sources_only = o->sources,
-                           .kind = o->relu ? MAZE_MAP_RELU : MAZE_MAP_FLOOD};
+  maze_model_config cfg = {
+      .channels = o->channels,
+      .hidden = o->hidden,
+      .gamma = o->gamma,
+      .sources_only = o->sources,
+      .kind =
+          o->relu ? MAZE_MAP_RELU : (o->mix ? MAZE_MAP_MIX : MAZE_MAP_FLOOD)};
 
   dq.solver = imp_fp_type_by_name(o->solver);
   if (dq.solver == NULL) {
@@ -855,8 +859,10 @@ static const char *help_train =
     "  --train-iter N    forward and adjoint budget in training (300)\n"
     "  --seed S          training data seed (1)\n"
     "  --log-every N, --ckpt-every N   progress line, checkpoint period\n"
-    "  --channels C, --hidden H, --gamma G   architecture (8, 16, 0.999)\n"
+    "  --channels C, --hidden H, --gamma G   architecture (C 2, 8 relu,\n"
+    "                    4 mix; H 16; G 0.999)\n"
     "  --relu-map        the first version's relu map instead of the flood\n"
+    "  --mix-map         the flood with learned channel mixing (C = 4)\n"
     "  --sources-only    relu map: no bias or open-channel input\n";
 
 static const char *help_solve =

@@ -432,6 +432,158 @@ static int flood_vjp(void *vctx, const imp_shape *xs, const double *x,
 }
 
 /* ------------------------------------------------------------------ */
+/* The mixing flood map                                                 */
+/* ------------------------------------------------------------------ */
+
+/* Logit of W between a channel fed by the start and one fed by the goal
+ * at initialisation; within each half the logits start at 0.  The rows
+ * then mix their own half evenly and leak about 6e-6 across, so training
+ * starts from two floods of two channels each.  Why this start and not a
+ * strong diagonal, and why a larger leak fails, is in docs/maze.md. */
+#define MIX_CROSS -12.0
+
+/* A = gamma softmax(W) row by row: non-negative rows summing to gamma. */
+static void mix_weight(const map_ctx *ctx, const double *w, double *a)
+{
+  size_t c = ctx->c;
+
+  for (size_t r = 0; r < c; r++) {
+    double top = w[r * c], sum = 0.0;
+    for (size_t k = 1; k < c; k++)
+      top = fmax(top, w[r * c + k]);
+    for (size_t k = 0; k < c; k++) {
+      a[r * c + k] = exp(w[r * c + k] - top);
+      sum += a[r * c + k];
+    }
+    for (size_t k = 0; k < c; k++)
+      a[r * c + k] *= ctx->gamma / sum;
+  }
+}
+
+/* For one sample: the neighbour maxima m, the mixed carry a = A m, and
+ * the injected sources u = |V_S| s + |V_G| g, all (C, hw). */
+static void mix_terms(map_ctx *ctx, const double *theta, size_t h, size_t w,
+                      const double *x, const double *z, double *u)
+{
+  size_t c = ctx->c, hw = h * w;
+  const double *v = theta + c * c, *s = x + hw, *g = x + 2 * hw;
+
+  neighbour_max(c, h, w, x, z, ctx->m.p, ctx->arg.p);
+  for (size_t r = 0; r < c; r++) {
+    double *ar = ctx->a.p + r * hw, vs = fabs(v[2 * r]);
+    double vg = fabs(v[2 * r + 1]);
+    for (size_t p = 0; p < hw; p++) {
+      ar[p] = 0.0;
+      u[r * hw + p] = vs * s[p] + vg * g[p];
+    }
+    for (size_t k = 0; k < c; k++) {
+      double akk = ctx->weff.p[r * c + k];
+      const double *mk = ctx->m.p + k * hw;
+      for (size_t p = 0; p < hw; p++)
+        ar[p] += akk * mk[p];
+    }
+  }
+}
+
+/* out_r(p) = o(p) max(sum_k A_rk m_k(p), u_r(p)). */
+static int mix_forward(void *vctx, const imp_shape *xs, const double *x,
+                       const imp_shape *zs, const double *z,
+                       const double *theta, double *out)
+{
+  map_ctx *ctx = vctx;
+  size_t c = ctx->c, hw = zs->h * zs->w;
+
+  if (prepare(ctx, hw) != 0)
+    return -1;
+  mix_weight(ctx, theta, ctx->weff.p);
+  for (size_t s = 0; s < zs->n; s++) {
+    const double *xb = x + s * NX * hw;
+    double *ob = out + s * c * hw, *u = ctx->g.p;
+
+    mix_terms(ctx, theta, zs->h, zs->w, xb, z + s * c * hw, u);
+    for (size_t i = 0; i < c * hw; i++)
+      ob[i] = xb[i % hw] > 0.5 ? fmax(ctx->a.p[i], u[i]) : 0.0;
+  }
+  (void)xs;
+  return 0;
+}
+
+/* The mixing map's vjp.  Where the carry wins, the cotangent goes to W
+ * (through the softmax) and, times A_rk, to the neighbour each channel's
+ * maximum came from; where the source wins, to V and the source pixel. */
+static int mix_vjp(void *vctx, const imp_shape *xs, const double *x,
+                   const imp_shape *zs, const double *z, const double *theta,
+                   const double *v, double *vjp_z, double *vjp_x,
+                   double *vjp_theta)
+{
+  map_ctx *ctx = vctx;
+  size_t c = ctx->c, hw = zs->h * zs->w;
+  const double *vsrc = theta + c * c;
+  double *gacc = NULL, *gv = NULL;
+
+  if (prepare(ctx, hw) != 0)
+    return -1;
+  mix_weight(ctx, theta, ctx->weff.p);
+  if (vjp_theta != NULL) {
+    gacc = calloc(c * c, sizeof *gacc);
+    if (gacc == NULL)
+      return -1;
+    gv = vjp_theta + c * c;
+  }
+  if (vjp_z != NULL)
+    memset(vjp_z, 0, zs->n * c * hw * sizeof *vjp_z);
+
+  for (size_t s = 0; s < zs->n; s++) {
+    const double *xb = x + s * NX * hw, *vb = v + s * c * hw;
+    double *u = ctx->g.p;
+
+    mix_terms(ctx, theta, zs->h, zs->w, xb, z + s * c * hw, u);
+    for (size_t r = 0; r < c; r++)
+      for (size_t p = 0; p < hw; p++) {
+        size_t i = r * hw + p;
+        double g = vb[i], a = ctx->a.p[i];
+        if (xb[p] < 0.5)
+          continue;
+        if (vjp_x != NULL)
+          vjp_x[s * NX * hw + p] += g * fmax(a, u[i]);
+        if (a > u[i]) {
+          for (size_t k = 0; k < c; k++) {
+            long src = ctx->arg.p[k * hw + p];
+            if (src < 0)
+              continue;
+            if (gacc != NULL)
+              gacc[r * c + k] += g * ctx->m.p[k * hw + p];
+            if (vjp_z != NULL)
+              vjp_z[s * c * hw + (size_t)src] += ctx->weff.p[r * c + k] * g;
+          }
+          continue;
+        }
+        for (size_t j = 0; j < 2; j++) {
+          double vj = vsrc[2 * r + j], srcj = xb[(1 + j) * hw + p];
+          double sg = vj > 0.0 ? 1.0 : (vj < 0.0 ? -1.0 : 0.0);
+          if (gv != NULL)
+            gv[2 * r + j] += g * sg * srcj;
+          if (vjp_x != NULL)
+            vjp_x[s * NX * hw + (1 + j) * hw + p] += g * fabs(vj);
+        }
+      }
+  }
+
+  /* Through the softmax: dA_rk/dW_rj = A_rk ([k = j] - A_rj / gamma). */
+  for (size_t r = 0; vjp_theta != NULL && r < c; r++) {
+    double dot = 0.0;
+    for (size_t k = 0; k < c; k++)
+      dot += gacc[r * c + k] * ctx->weff.p[r * c + k];
+    for (size_t j = 0; j < c; j++)
+      vjp_theta[r * c + j] +=
+          ctx->weff.p[r * c + j] * (gacc[r * c + j] - dot / ctx->gamma);
+  }
+  free(gacc);
+  (void)xs;
+  return 0;
+}
+
+/* ------------------------------------------------------------------ */
 /* The head                                                             */
 /* ------------------------------------------------------------------ */
 
@@ -646,13 +798,16 @@ int maze_model_create(const maze_model_config *cfg, uint64_t seed,
     return IMP_ENOMEM;
   if (cfg != NULL)
     m->cfg = *cfg;
-  if (m->cfg.kind != MAZE_MAP_FLOOD && m->cfg.kind != MAZE_MAP_RELU) {
+  if (m->cfg.kind != MAZE_MAP_FLOOD && m->cfg.kind != MAZE_MAP_RELU &&
+      m->cfg.kind != MAZE_MAP_MIX) {
     free(m);
     return IMP_EINVAL;
   }
   if (m->cfg.channels == 0)
-    m->cfg.channels = m->cfg.kind == MAZE_MAP_FLOOD ? 2 : 8;
-  if (m->cfg.kind == MAZE_MAP_FLOOD && m->cfg.channels % 2 != 0) {
+    m->cfg.channels = m->cfg.kind == MAZE_MAP_FLOOD
+                          ? 2
+                          : (m->cfg.kind == MAZE_MAP_MIX ? 4 : 8);
+  if (m->cfg.kind != MAZE_MAP_RELU && m->cfg.channels % 2 != 0) {
     free(m);
     return IMP_EINVAL;
   }
@@ -670,9 +825,12 @@ int maze_model_create(const maze_model_config *cfg, uint64_t seed,
 
   /* The map's parameters.  Flood: the source gains v, near 1.  Relu: W
    * near gamma I (each channel its own flood to begin with), V normal, b
-   * zero. */
-  int flood = m->cfg.kind == MAZE_MAP_FLOOD;
-  ntheta = flood ? c : c * c + c * NX + c;
+   * zero.  Mix: W even within each half and MIX_CROSS across, and
+   * V = (V_S, V_G) feeding the first half of the channels from the start
+   * and the second half from the goal, with a small leak from the other
+   * source. */
+  int flood = m->cfg.kind == MAZE_MAP_FLOOD, mix = m->cfg.kind == MAZE_MAP_MIX;
+  ntheta = flood ? c : (mix ? c * c + 2 * c : c * c + c * NX + c);
   theta = calloc(ntheta, sizeof *theta);
   if (theta == NULL) {
     free(m);
@@ -680,22 +838,34 @@ int maze_model_create(const maze_model_config *cfg, uint64_t seed,
   }
   for (size_t r = 0; flood && r < c; r++)
     theta[r] = 1.0 + 0.1 * imp_rng_normal(&rng);
-  for (size_t r = 0; !flood && r < c; r++)
+  for (size_t r = 0; !flood && !mix && r < c; r++)
     for (size_t k = 0; k < c; k++)
       theta[r * c + k] =
           (r == k ? m->cfg.gamma : 0.0) + 0.05 * imp_rng_normal(&rng);
-  for (size_t i = 0; !flood && i < c * NX; i++)
+  for (size_t i = 0; !flood && !mix && i < c * NX; i++)
     theta[c * c + i] = 0.5 * imp_rng_normal(&rng);
+  for (size_t r = 0; mix && r < c; r++) {
+    for (size_t k = 0; k < c; k++)
+      theta[r * c + k] = ((r < c / 2) == (k < c / 2) ? 0.0 : MIX_CROSS) +
+                         0.1 * imp_rng_normal(&rng);
+    int from_start = r < c / 2;
+    theta[c * c + 2 * r] = from_start ? 1.0 + 0.1 * imp_rng_normal(&rng)
+                                      : 0.01 * imp_rng_normal(&rng);
+    theta[c * c + 2 * r + 1] = from_start ? 0.01 * imp_rng_normal(&rng)
+                                          : 1.0 + 0.1 * imp_rng_normal(&rng);
+  }
 
   imp_deq_map map = {.ntheta = ntheta,
                      .x_channels = NX,
                      .z_channels = c,
-                     .map = flood ? flood_forward : map_forward,
-                     .vjp = flood ? flood_vjp : map_vjp,
+                     .map = flood ? flood_forward
+                                  : (mix ? mix_forward : map_forward),
+                     .vjp = flood ? flood_vjp : (mix ? mix_vjp : map_vjp),
                      .ctx = &m->map};
-  const char *name = flood
-                         ? "maze-deq-flood"
-                         : (m->cfg.sources_only ? "maze-deq-src" : "maze-deq");
+  const char *name =
+      flood ? "maze-deq-flood"
+            : (mix ? "maze-deq-mix"
+                   : (m->cfg.sources_only ? "maze-deq-src" : "maze-deq"));
   rc = imp_stack_create("maze", &m->stack);
   if (rc == IMP_OK)
     rc = imp_deq_create(&map, theta, deq, name, &m->deq);
@@ -809,7 +979,9 @@ int maze_model_map(maze_model *m, const imp_shape *xs, const double *x,
   imp_shape zs = *xs;
   zs.c = m->cfg.channels;
   imp_deq_map_fn fn =
-      m->cfg.kind == MAZE_MAP_FLOOD ? flood_forward : map_forward;
+      m->cfg.kind == MAZE_MAP_FLOOD
+          ? flood_forward
+          : (m->cfg.kind == MAZE_MAP_MIX ? mix_forward : map_forward);
   if (fn(&m->map, xs, x, &zs, z, imp_layer_params(m->deq), out) != 0)
     return IMP_ENOMEM;
   return IMP_OK;

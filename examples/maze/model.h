@@ -26,6 +26,15 @@
  *
  *     h(x, z)(p) = o(p) relu(A m(p) + V x(p) + b),  |A_r|_1 <= gamma.
  *
+ * The mixing flood (MAZE_MAP_MIX) learns how the channels feed each
+ * other:
+ *
+ *     h(x, z)_r(p) = o(p) max(sum_k A_rk m_k(p), |V_rS| s(p) + |V_rG| g(p)),
+ *     A = gamma softmax(W), row by row,
+ *
+ * so A is non-negative with rows summing to gamma: the same sup-norm bound
+ * gamma, still no bias, and a fixed point that scales with V.
+ *
  * Head, per pixel p and direction e (4 of them), with q = p + e:
  *
  *     f_{e,c}(p) = o(p) o(q) tanh(k (z_c(q) - z_c(p)) /
@@ -50,19 +59,20 @@
 extern "C" {
 #endif
 
-/** The two maps: the flood (default) and the relu map of the first
- *  version, kept for comparison. */
-enum { MAZE_MAP_FLOOD = 0, MAZE_MAP_RELU = 1 };
+/** The maps: the flood (default), the relu map of the first version,
+ *  kept for comparison, and the flood with learned mixing. */
+enum { MAZE_MAP_FLOOD = 0, MAZE_MAP_RELU = 1, MAZE_MAP_MIX = 2 };
 
 /** Architecture; the zero value means the defaults beside the fields. */
 typedef struct maze_model_config {
-  size_t channels;  /**< C, default 2 (flood, even) or 8 (relu) */
+  size_t channels;  /**< C, default 2 (flood, even), 8 (relu) or 4 (mix,
+                         even) */
   size_t hidden;    /**< head width, default 16 */
   double gamma;     /**< sup-norm contraction bound, default 0.999 */
   int sources_only; /**< 1: b = 0 and no open-channel term in V x, so
                          only S and G feed the floods (default 0);
                          relu map only */
-  int kind;         /**< MAZE_MAP_FLOOD (default) or MAZE_MAP_RELU */
+  int kind;         /**< MAZE_MAP_FLOOD (default), _RELU or _MIX */
 } maze_model_config;
 
 typedef struct maze_model maze_model;
