@@ -903,6 +903,10 @@ static int run_forward(ode_state *st, ode_run *run, const double *x, double *y,
       flag = CVodeF(run->mem, tk, run->y, &tret, CV_NORMAL, &ncheck);
     else
       flag = CVode(run->mem, tk, run->y, &tret, CV_NORMAL);
+    /* CVODES 6.4 can go on after the field's first evaluation failed
+     * unrecoverably: a failure the callbacks recorded fails the pass. */
+    if (flag >= 0 && st->cb_status == IMP_ECALLBACK)
+      flag = CV_RHSFUNC_FAIL;
     if (flag < 0)
       return cvodes_failed(st, run, flag, keep ? "CVodeF" : "CVode", tk,
                            run->mem);
@@ -1075,6 +1079,8 @@ static int backward_segment(ode_state *st, ode_run *run, double tc,
   st->nonfinite_count = 0;
   st->backend_msg[0] = '\0';
   flag = CVodeB(run->mem, tprev, CV_NORMAL);
+  if (flag >= 0 && st->cb_status == IMP_ECALLBACK)
+    flag = CV_RHSFUNC_FAIL; /* as in the forward pass */
   if (flag < 0)
     return cvodes_failed(st, run, flag, "CVodeB", tprev,
                          CVodeGetAdjCVodeBmem(run->mem, run->which));
