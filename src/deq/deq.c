@@ -9,28 +9,9 @@
 
 #include "core/internal.h"
 #include "deq/deq_internal.h"
+#include "imp/blocks.h"
 #include "imp/deq.h"
 #include "imp/rng.h"
-
-/* A buffer that grows on demand. */
-typedef struct buffer {
-  double *p;
-  size_t cap;
-} buffer;
-
-static int reserve(buffer *b, size_t n)
-{
-  double *p;
-
-  if (n <= b->cap)
-    return IMP_OK;
-  p = realloc(b->p, n * sizeof(double));
-  if (p == NULL)
-    return imp__fail(IMP_ENOMEM, "deq: buffer of %zu doubles", n);
-  b->p = p;
-  b->cap = n;
-  return IMP_OK;
-}
 
 /* What produced the layer's last output. */
 typedef enum deq_mode {
@@ -47,23 +28,23 @@ typedef struct deq {
   /* Saved by forward for backward. */
   deq_mode mode;
   imp_shape xs, zs;
-  buffer zstar; /* numel(zs): the fixed point */
-  buffer traj;  /* (steps + 1) x numel(zs): the stepped states */
+  imp_workspace zstar; /* numel(zs): the fixed point */
+  imp_workspace traj;  /* (steps + 1) x numel(zs): the stepped states */
   size_t steps;
   double damping; /* of the stepped states */
   int has_prev;
 
   /* The user's initial state. */
-  buffer init;
+  imp_workspace init;
   imp_shape init_shape;
   int has_init;
 
   /* Statistics and the residual trace. */
   imp_deq_stats stats;
-  buffer trace;
+  imp_workspace trace;
 
   /* Scratch. */
-  buffer xpack, zwork, xgrad, tgrad;
+  imp_workspace xpack, zwork, xgrad, tgrad;
 
   /* The call in progress. */
   const double *x, *theta;
@@ -117,8 +98,8 @@ static int solver_map(void *ctx, size_t m, const size_t *idx, const double *z,
 
   if (m < d->xs.n) {
     for (size_t k = 0; k < m; k++)
-      memcpy(d->xpack.p + k * dx, d->x + idx[k] * dx, dx * sizeof(double));
-    x = d->xpack.p;
+      memcpy(d->xpack.data + k * dx, d->x + idx[k] * dx, dx * sizeof(double));
+    x = d->xpack.data;
   }
   xs.n = zs.n = m;
   return d->map.map(d->map.ctx, &xs, x, &zs, z, d->theta, out);
@@ -151,11 +132,11 @@ static int initial_state(deq *d, double *z, size_t nz)
     if (!d->has_init || !same_shape(&d->init_shape, &d->zs))
       return imp__fail(IMP_ESHAPE, "deq: no initial state of this shape "
                                    "was given (imp_deq_set_initial)");
-    memcpy(z, d->init.p, nz * sizeof(double));
+    memcpy(z, d->init.data, nz * sizeof(double));
   } else if (d->opt.init == IMP_DEQ_INIT_PREVIOUS && d->has_prev) {
     /* zstar still holds the last fixed point if the shape is the same. */
-    if (z != d->zstar.p)
-      memcpy(z, d->zstar.p, nz * sizeof(double));
+    if (z != d->zstar.data)
+      memcpy(z, d->zstar.data, nz * sizeof(double));
   } else {
     memset(z, 0, nz * sizeof(double));
   }
@@ -211,18 +192,18 @@ static int solve(deq *d, int training)
   fo.max_iter = budget->max_iter;
   fo.rtol = budget->rtol;
   fo.atol = budget->atol;
-  IMP__TRY(reserve(&d->trace, fo.max_iter));
-  IMP__TRY(initial_state(d, d->zstar.p, nz));
+  IMP__TRY(imp_workspace_reserve(&d->trace, fo.max_iter));
+  IMP__TRY(initial_state(d, d->zstar.data, nz));
 
   rc = imp_fp_solve(d->opt.solver, solver_map, d, d->zs.n,
-                    imp_shape_sample(&d->zs), d->zstar.p, &fo, &fs, d->trace.p,
-                    &d->stats.trace_len);
+                    imp_shape_sample(&d->zs), d->zstar.data, &fo, &fs,
+                    d->trace.data, &d->stats.trace_len);
   d->stats.iterations = fs.iterations;
   d->stats.evaluations += fs.evaluations;
   d->stats.abs_residual = fs.abs_residual;
   d->stats.rel_residual = fs.rel_residual;
   d->stats.converged = fs.converged;
-  d->stats.trace = d->trace.p;
+  d->stats.trace = d->trace.data;
   d->stats.forward_status = rc;
   if (rc == IMP_OK || rc == IMP_ENOCONV)
     d->has_prev = 1;
@@ -257,10 +238,10 @@ static int deq_forward(imp_layer *layer, const imp_shape *in, const double *x,
     steps = d->opt.unroll_steps;
   if (steps > 0 && steps + 1 > ((size_t)-1) / sizeof(double) / nz)
     return imp__fail(IMP_ENOMEM, "deq: %zu stepped states", steps);
-  IMP__TRY(reserve(&d->zstar, nz));
-  IMP__TRY(reserve(&d->zwork, nz));
-  IMP__TRY(reserve(&d->xpack, imp_shape_numel(in)));
-  IMP__TRY(reserve(&d->traj, (steps + 1) * nz));
+  IMP__TRY(imp_workspace_reserve(&d->zstar, nz));
+  IMP__TRY(imp_workspace_reserve(&d->zwork, nz));
+  IMP__TRY(imp_workspace_reserve(&d->xpack, imp_shape_numel(in)));
+  IMP__TRY(imp_workspace_reserve(&d->traj, (steps + 1) * nz));
   memset(&d->stats, 0, sizeof d->stats);
   d->stats.batch = zs.n;
 
@@ -268,38 +249,38 @@ static int deq_forward(imp_layer *layer, const imp_shape *in, const double *x,
   if (steps > 0 && kind == IMP_DEQ_UNROLLED) {
     double l = d->opt.unroll_damping;
 
-    IMP__TRY(initial_state(d, d->traj.p, nz));
-    IMP__TRY(step(d, d->traj.p, steps, l));
+    IMP__TRY(initial_state(d, d->traj.data, nz));
+    IMP__TRY(step(d, d->traj.data, steps, l));
     d->stats.iterations = steps;
     /* The residual at the last state that was evaluated. */
-    rc = apply_map(d, d->traj.p + steps * nz, d->zwork.p);
+    rc = apply_map(d, d->traj.data + steps * nz, d->zwork.data);
     if (rc != IMP_OK)
       return rc;
-    residual_stats(d, d->traj.p + steps * nz, d->zwork.p);
+    residual_stats(d, d->traj.data + steps * nz, d->zwork.data);
     d->stats.evaluations += zs.n;
     d->steps = steps;
     d->damping = l;
     d->mode = MODE_STEPPED;
-    memcpy(y, d->traj.p + steps * nz, nz * sizeof(double));
+    memcpy(y, d->traj.data + steps * nz, nz * sizeof(double));
     return IMP_OK;
   }
 
   /* Solve; a phantom gradient then steps k times from z*. */
   rc = solve(d, training);
   if (rc != IMP_OK)
-    memcpy(y, d->zstar.p, nz * sizeof(double)); /* the best iterate */
+    memcpy(y, d->zstar.data, nz * sizeof(double)); /* the best iterate */
   if (rc != IMP_OK)
     return rc;
   if (steps > 0) {
-    memcpy(d->traj.p, d->zstar.p, nz * sizeof(double));
-    IMP__TRY(step(d, d->traj.p, steps, d->opt.phantom_damping));
+    memcpy(d->traj.data, d->zstar.data, nz * sizeof(double));
+    IMP__TRY(step(d, d->traj.data, steps, d->opt.phantom_damping));
     d->steps = steps;
     d->damping = d->opt.phantom_damping;
     d->mode = MODE_STEPPED;
-    memcpy(y, d->traj.p + steps * nz, nz * sizeof(double));
+    memcpy(y, d->traj.data + steps * nz, nz * sizeof(double));
   } else {
     d->mode = MODE_SOLVED;
-    memcpy(y, d->zstar.p, nz * sizeof(double));
+    memcpy(y, d->zstar.data, nz * sizeof(double));
   }
   return IMP_OK;
 }
@@ -330,7 +311,7 @@ static int fixed_point_vjp(void *ctx, const double *x, const double *z,
 {
   deq *d = ctx;
   size_t nz = imp_shape_numel(&d->zs);
-  double *neg = d->zwork.p;
+  double *neg = d->zwork.data;
 
   d->x = x;
   d->theta = theta;
@@ -357,7 +338,7 @@ static int backward_implicit(deq *d, double *xbar, const double *ybar,
 
   if (ao.method == IMP_ADJOINT_FIXED_POINT && ao.blocks == 0)
     ao.blocks = d->zs.n;
-  rc = imp_adjoint_solve(&p, d->x, d->zstar.p, d->theta, ybar, NULL, xbar,
+  rc = imp_adjoint_solve(&p, d->x, d->zstar.data, d->theta, ybar, NULL, xbar,
                          grads, &ao, &as);
   d->stats.backward_iterations = as.iterations;
   d->stats.backward_vjp_calls = as.vjp_calls;
@@ -375,42 +356,43 @@ static int backward_stepped(deq *d, double *xbar, const double *ybar,
   size_t nz = imp_shape_numel(&d->zs), nx = imp_shape_numel(&d->xs);
   size_t nt = d->map.ntheta;
   double l = d->damping, *u, *lu, *vz;
-  buffer work = {0};
+  imp_workspace work = IMP_WORKSPACE_INIT;
   int rc = IMP_OK;
 
-  IMP__TRY(reserve(&d->xgrad, nx));
-  IMP__TRY(reserve(&d->tgrad, nt > 0 ? nt : 1));
-  IMP__TRY(reserve(&work, 3 * nz));
-  u = work.p;
+  IMP__TRY(imp_workspace_reserve(&d->xgrad, nx));
+  IMP__TRY(imp_workspace_reserve(&d->tgrad, nt > 0 ? nt : 1));
+  IMP__TRY(imp_workspace_reserve(&work, 3 * nz));
+  u = work.data;
   lu = u + nz;
   vz = lu + nz;
   memcpy(u, ybar, nz * sizeof(double));
-  memset(d->xgrad.p, 0, nx * sizeof(double));
-  memset(d->tgrad.p, 0, (nt > 0 ? nt : 1) * sizeof(double));
+  memset(d->xgrad.data, 0, nx * sizeof(double));
+  memset(d->tgrad.data, 0, (nt > 0 ? nt : 1) * sizeof(double));
 
   for (size_t i = d->steps; i-- > 0;) {
     for (size_t j = 0; j < nz; j++)
       lu[j] = l * u[j];
-    rc = apply_vjp(d, d->traj.p + i * nz, lu, vz, d->xgrad.p, d->tgrad.p);
+    rc = apply_vjp(d, d->traj.data + i * nz, lu, vz, d->xgrad.data,
+                   d->tgrad.data);
     if (rc != IMP_OK)
       break;
     for (size_t j = 0; j < nz; j++)
       u[j] = (1.0 - l) * u[j] + vz[j];
   }
-  if (rc == IMP_OK &&
-      (!imp__all_finite(d->xgrad.p, nx) || !imp__all_finite(d->tgrad.p, nt)))
+  if (rc == IMP_OK && (!imp__all_finite(d->xgrad.data, nx) ||
+                       !imp__all_finite(d->tgrad.data, nt)))
     rc = imp__fail(IMP_ENONFINITE, "deq: backward produced NaN or Inf");
 
   /* Accumulate only on success. */
   if (rc == IMP_OK) {
     for (size_t j = 0; xbar != NULL && j < nx; j++)
-      xbar[j] += d->xgrad.p[j];
+      xbar[j] += d->xgrad.data[j];
     for (size_t j = 0; j < nt; j++)
-      grads[j] += d->tgrad.p[j];
+      grads[j] += d->tgrad.data[j];
   }
   d->stats.backward_iterations = d->steps;
   d->stats.backward_vjp_calls = d->steps;
-  free(work.p);
+  imp_workspace_free(&work);
   return rc;
 }
 
@@ -443,14 +425,14 @@ static void deq_destroy(void *state)
     return;
   if (d->owner.destroy != NULL)
     d->owner.destroy(d->owner.ctx);
-  free(d->zstar.p);
-  free(d->traj.p);
-  free(d->init.p);
-  free(d->trace.p);
-  free(d->xpack.p);
-  free(d->zwork.p);
-  free(d->xgrad.p);
-  free(d->tgrad.p);
+  imp_workspace_free(&d->zstar);
+  imp_workspace_free(&d->traj);
+  imp_workspace_free(&d->init);
+  imp_workspace_free(&d->trace);
+  imp_workspace_free(&d->xpack);
+  imp_workspace_free(&d->zwork);
+  imp_workspace_free(&d->xgrad);
+  imp_workspace_free(&d->tgrad);
   free(d);
 }
 
@@ -622,8 +604,8 @@ int imp_deq_set_initial(imp_layer *layer, const imp_shape *zs, const double *z0)
                      zs->c, d->map.z_channels);
   if (!imp__all_finite(z0, n))
     return imp__fail(IMP_ENONFINITE, "deq_set_initial: NaN or Inf");
-  IMP__TRY(reserve(&d->init, n));
-  memcpy(d->init.p, z0, n * sizeof(double));
+  IMP__TRY(imp_workspace_reserve(&d->init, n));
+  memcpy(d->init.data, z0, n * sizeof(double));
   d->init_shape = *zs;
   d->has_init = 1;
   return IMP_OK;
@@ -664,7 +646,7 @@ int imp_deq_spectral_radius(imp_layer *layer, const double *x,
 
     for (size_t i = 0; i < nz; i++)
       u[i] /= nu;
-    rc = apply_vjp(d, d->zstar.p, u, w, NULL, NULL);
+    rc = apply_vjp(d, d->zstar.data, u, w, NULL, NULL);
     nw = imp__nrm2(nz, w);
     if (rc == IMP_OK && k >= iterations / 2) {
       log_sum += log(nw > 0.0 ? nw : 1e-300);

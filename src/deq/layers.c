@@ -14,14 +14,15 @@
 
 #include "core/internal.h"
 #include "deq/deq_internal.h"
+#include "imp/blocks.h"
 #include "imp/deq.h"
 
 typedef struct layer_map {
   imp_layer *z_layer, *core;
   size_t nz_params, ncore_params;
-  double *scratch;                    /* gradients of both layers, nz + ncore */
-  double *mix, *zout, *hout, *mixbar; /* grown to the batch */
-  size_t cap;
+  double *scratch;  /* gradients of both layers, nz + ncore */
+  imp_workspace ws; /* the four buffers below, n doubles each */
+  double *mix, *zout, *hout, *mixbar; /* views into ws, set per call */
 } layer_map;
 
 static void layer_map_free(void *ctx)
@@ -33,10 +34,7 @@ static void layer_map_free(void *ctx)
   imp_layer_free(m->z_layer);
   imp_layer_free(m->core);
   free(m->scratch);
-  free(m->mix);
-  free(m->zout);
-  free(m->hout);
-  free(m->mixbar);
+  imp_workspace_free(&m->ws);
   free(m);
 }
 
@@ -49,31 +47,21 @@ static int layer_map_rebind(void *ctx, double *params)
                                 m->scratch + m->nz_params);
 }
 
+/* Room for n doubles in each of the four buffers. */
 static int grow(layer_map *m, size_t n)
 {
-  double *p[4];
-
-  if (n <= m->cap)
-    return IMP_OK;
-  p[0] = realloc(m->mix, n * sizeof(double));
-  if (p[0] != NULL)
-    m->mix = p[0];
-  p[1] = realloc(m->zout, n * sizeof(double));
-  if (p[1] != NULL)
-    m->zout = p[1];
-  p[2] = realloc(m->hout, n * sizeof(double));
-  if (p[2] != NULL)
-    m->hout = p[2];
-  p[3] = realloc(m->mixbar, n * sizeof(double));
-  if (p[3] != NULL)
-    m->mixbar = p[3];
-  if (!p[0] || !p[1] || !p[2] || !p[3])
+  if (n > ((size_t)-1) / 4)
     return imp__fail(IMP_ENOMEM, "deq (layers): %zu doubles", n);
-  m->cap = n;
+  IMP__TRY(imp_workspace_reserve(&m->ws, 4 * n));
+  m->mix = m->ws.data;
+  m->zout = m->mix + n;
+  m->hout = m->zout + n;
+  m->mixbar = m->hout + n;
   return IMP_OK;
 }
 
-/* mix = z_layer(z) + u and out = core(mix), keeping z_layer(z) in zout. */
+/* mix = z_layer(z) + u and out = core(mix) (out NULL: into hout),
+ * keeping z_layer(z) in zout. */
 static int run_forward(layer_map *m, const imp_shape *us, const double *u,
                        const imp_shape *zs, const double *z, double *out,
                        imp_shape *ms)
@@ -99,7 +87,7 @@ static int run_forward(layer_map *m, const imp_shape *us, const double *u,
   IMP__TRY(imp_layer_forward(m->z_layer, zs, z, m->zout));
   for (size_t i = 0; i < n; i++)
     m->mix[i] = m->zout[i] + u[i];
-  return imp_layer_forward(m->core, ms, m->mix, out);
+  return imp_layer_forward(m->core, ms, m->mix, out != NULL ? out : m->hout);
 }
 
 static int layer_map_apply(void *ctx, const imp_shape *us, const double *u,
@@ -125,7 +113,8 @@ static int layer_map_vjp(void *ctx, const imp_shape *us, const double *u,
 
   /* Backward needs the forward at this z.  Failures return their status,
    * which the DEQ passes on (imp__callback_status). */
-  IMP__TRY(run_forward(m, us, u, zs, z, m->hout, &ms));
+  /* out = NULL: into m->hout, which grow may move. */
+  IMP__TRY(run_forward(m, us, u, zs, z, NULL, &ms));
   nm = imp_shape_numel(&ms);
   memset(m->scratch, 0, (np > 0 ? np : 1) * sizeof(double));
   memset(m->mixbar, 0, nm * sizeof(double));
