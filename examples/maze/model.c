@@ -59,7 +59,7 @@ typedef struct map_ctx {
   int sources_only; /* no bias and no open-channel input: only S and G
                        feed the floods */
   double gamma;
-  dbuf a, m, weff, g;
+  dbuf a, m, weff, g, pad;
   lbuf arg;
 } map_ctx;
 
@@ -136,6 +136,50 @@ static void neighbour_max(size_t c, size_t h, size_t w, const double *open,
   }
 }
 
+/*
+ * The neighbour maxima alone, without where they came from: the forward
+ * maps' inner loop.  Each channel is copied into pad, a (h + 2) x (w + 2)
+ * image holding z where the pixel is open and -inf at walls and on a
+ * one-pixel frame, so that every pixel has four neighbours and the loop
+ * has no branch (the compiler turns it into vector maxima).  The values
+ * equal neighbour_max's: a maximum does not depend on the order of its
+ * arguments, and -inf (no open neighbour) becomes 0 as there.
+ */
+static void neighbour_max_values(size_t c, size_t h, size_t w,
+                                 const double *open, const double *z,
+                                 double *m, double *pad)
+{
+  size_t hw = h * w, pw = w + 2;
+
+  for (size_t j = 0; j < pw; j++)
+    pad[j] = pad[(h + 1) * pw + j] = -INFINITY;
+  for (size_t i = 1; i <= h; i++)
+    pad[i * pw] = pad[i * pw + w + 1] = -INFINITY;
+
+  for (size_t ch = 0; ch < c; ch++) {
+    const double *zc = z + ch * hw;
+    double *mc = m + ch * hw;
+
+    for (size_t i = 0; i < h; i++) {
+      const double *oi = open + i * w, *zi = zc + i * w;
+      double *row = pad + (i + 1) * pw + 1;
+      for (size_t j = 0; j < w; j++)
+        row[j] = oi[j] > 0.5 ? zi[j] : -INFINITY;
+    }
+    for (size_t i = 0; i < h; i++) {
+      const double *up = pad + i * pw + 1, *mid = pad + (i + 1) * pw;
+      const double *down = pad + (i + 2) * pw + 1;
+      double *mi = mc + i * w;
+      for (size_t j = 0; j < w; j++) {
+        double a = up[j] > down[j] ? up[j] : down[j];
+        double b = mid[j] > mid[j + 2] ? mid[j] : mid[j + 2];
+        double v = a > b ? a : b;
+        mi[j] = v == -INFINITY ? 0.0 : v;
+      }
+    }
+  }
+}
+
 /* Pre-activations a = A m + V x + b for one sample, all (C, hw). */
 static void preactivation(const map_ctx *ctx, const double *theta, size_t hw,
                           const double *x, const double *m, double *a)
@@ -162,11 +206,12 @@ static void preactivation(const map_ctx *ctx, const double *theta, size_t hw,
   }
 }
 
-static int prepare(map_ctx *ctx, size_t hw)
+static int prepare(map_ctx *ctx, const imp_shape *zs)
 {
-  size_t n = ctx->c * hw;
+  size_t n = ctx->c * zs->h * zs->w;
   if (dgrow(&ctx->a, n) || dgrow(&ctx->m, n) || lgrow(&ctx->arg, n) ||
-      dgrow(&ctx->weff, ctx->c * ctx->c) || dgrow(&ctx->g, n))
+      dgrow(&ctx->weff, ctx->c * ctx->c) || dgrow(&ctx->g, n) ||
+      dgrow(&ctx->pad, (zs->h + 2) * (zs->w + 2)))
     return -1;
   return 0;
 }
@@ -178,7 +223,7 @@ static int map_forward(void *vctx, const imp_shape *xs, const double *x,
   map_ctx *ctx = vctx;
   size_t c = ctx->c, hw = zs->h * zs->w;
 
-  if (prepare(ctx, hw) != 0)
+  if (prepare(ctx, zs) != 0)
     return -1;
   effective_weight(ctx, theta, ctx->weff.p);
   for (size_t s = 0; s < zs->n; s++) {
@@ -207,7 +252,7 @@ static int map_vjp(void *vctx, const imp_shape *xs, const double *x,
   double *gw = NULL, *gv = NULL, *gb = NULL;
   double *gacc = NULL;
 
-  if (prepare(ctx, hw) != 0)
+  if (prepare(ctx, zs) != 0)
     return -1;
   effective_weight(ctx, theta, ctx->weff.p);
   if (vjp_theta != NULL) {
@@ -317,65 +362,30 @@ static size_t flood_source(const map_ctx *ctx, size_t ch)
   return ch < ctx->c / 2 ? 1 : 2;
 }
 
-/* The largest z over the open 4-neighbours of pixel (i, j), 0 if none.
- * The first and last rows and columns check their bounds. */
-static double open_max(const double *open, const double *z, size_t h, size_t w,
-                       size_t i, size_t j)
-{
-  size_t p = i * w + j;
-  double best = -INFINITY;
-
-  if (i > 0 && open[p - w] > 0.5)
-    best = z[p - w];
-  if (i + 1 < h && open[p + w] > 0.5 && z[p + w] > best)
-    best = z[p + w];
-  if (j > 0 && open[p - 1] > 0.5 && z[p - 1] > best)
-    best = z[p - 1];
-  if (j + 1 < w && open[p + 1] > 0.5 && z[p + 1] > best)
-    best = z[p + 1];
-  return best == -INFINITY ? 0.0 : best;
-}
-
-/* out_c(p) = o(p) max(gamma m_c(p), |v_c| x_src(c)(p)).  This is the
- * solver's inner loop, so it finds each maximum directly (the vjp uses
- * neighbour_max, which also records where it came from). */
+/* out_c(p) = o(p) max(gamma m_c(p), |v_c| x_src(c)(p)). */
 static int flood_forward(void *vctx, const imp_shape *xs, const double *x,
                          const imp_shape *zs, const double *z,
                          const double *theta, double *out)
 {
   map_ctx *ctx = vctx;
-  size_t c = ctx->c, h = zs->h, w = zs->w, hw = h * w;
+  size_t c = ctx->c, hw = zs->h * zs->w;
 
+  if (prepare(ctx, zs) != 0)
+    return -1;
   for (size_t s = 0; s < zs->n; s++) {
     const double *xb = x + s * NX * hw;
+
+    neighbour_max_values(c, zs->h, zs->w, xb, z + s * c * hw, ctx->m.p,
+                         ctx->pad.p);
     for (size_t r = 0; r < c; r++) {
       const double *src = xb + flood_source(ctx, r) * hw;
-      const double *zc = z + (s * c + r) * hw;
+      const double *mr = ctx->m.p + r * hw;
       double *oc = out + (s * c + r) * hw, gain = fabs(theta[r]);
-      for (size_t i = 0; i < h; i++)
-        for (size_t j = 0; j < w; j++) {
-          size_t p = i * w + j;
-          double carried = 0.0;
-          if (xb[p] < 0.5) {
-            oc[p] = 0.0;
-            continue;
-          }
-          if (i > 0 && j > 0 && i + 1 < h && j + 1 < w) {
-            double best = -INFINITY;
-            if (xb[p - w] > 0.5)
-              best = zc[p - w];
-            if (xb[p + w] > 0.5 && zc[p + w] > best)
-              best = zc[p + w];
-            if (xb[p - 1] > 0.5 && zc[p - 1] > best)
-              best = zc[p - 1];
-            if (xb[p + 1] > 0.5 && zc[p + 1] > best)
-              best = zc[p + 1];
-            carried = best == -INFINITY ? 0.0 : best;
-          } else
-            carried = open_max(xb, zc, h, w, i, j);
-          carried *= ctx->gamma;
-          oc[p] = fmax(carried, gain * src[p]);
-        }
+      for (size_t p = 0; p < hw; p++) {
+        double carried = ctx->gamma * mr[p], fed = gain * src[p];
+        double top = carried > fed ? carried : fed;
+        oc[p] = xb[p] > 0.5 ? top : 0.0;
+      }
     }
   }
   (void)xs;
@@ -392,7 +402,7 @@ static int flood_vjp(void *vctx, const imp_shape *xs, const double *x,
   map_ctx *ctx = vctx;
   size_t c = ctx->c, hw = zs->h * zs->w;
 
-  if (prepare(ctx, hw) != 0)
+  if (prepare(ctx, zs) != 0)
     return -1;
   if (vjp_z != NULL)
     memset(vjp_z, 0, zs->n * c * hw * sizeof *vjp_z);
@@ -463,22 +473,27 @@ static void mix_weight(const map_ctx *ctx, const double *w, double *a)
 /* For one sample: the neighbour maxima m, the mixed carry a = A m, and
  * the injected sources u = |V_S| s + |V_G| g, all (C, hw). */
 static void mix_terms(map_ctx *ctx, const double *theta, size_t h, size_t w,
-                      const double *x, const double *z, double *u)
+                      const double *x, const double *z, double *u, int with_arg)
 {
   size_t c = ctx->c, hw = h * w;
   const double *v = theta + c * c, *s = x + hw, *g = x + 2 * hw;
 
-  neighbour_max(c, h, w, x, z, ctx->m.p, ctx->arg.p);
+  if (with_arg)
+    neighbour_max(c, h, w, x, z, ctx->m.p, ctx->arg.p);
+  else
+    neighbour_max_values(c, h, w, x, z, ctx->m.p, ctx->pad.p);
   for (size_t r = 0; r < c; r++) {
-    double *ar = ctx->a.p + r * hw, vs = fabs(v[2 * r]);
-    double vg = fabs(v[2 * r + 1]);
+    double *restrict ar = ctx->a.p + r * hw, *restrict ur = u + r * hw;
+    const double *restrict m = ctx->m.p, *wr = ctx->weff.p + r * c;
+    double vs = fabs(v[2 * r]), vg = fabs(v[2 * r + 1]);
+
     for (size_t p = 0; p < hw; p++) {
-      ar[p] = 0.0;
-      u[r * hw + p] = vs * s[p] + vg * g[p];
+      ar[p] = wr[0] * m[p];
+      ur[p] = vs * s[p] + vg * g[p];
     }
-    for (size_t k = 0; k < c; k++) {
-      double akk = ctx->weff.p[r * c + k];
-      const double *mk = ctx->m.p + k * hw;
+    for (size_t k = 1; k < c; k++) {
+      const double *restrict mk = m + k * hw;
+      double akk = wr[k];
       for (size_t p = 0; p < hw; p++)
         ar[p] += akk * mk[p];
     }
@@ -493,16 +508,22 @@ static int mix_forward(void *vctx, const imp_shape *xs, const double *x,
   map_ctx *ctx = vctx;
   size_t c = ctx->c, hw = zs->h * zs->w;
 
-  if (prepare(ctx, hw) != 0)
+  if (prepare(ctx, zs) != 0)
     return -1;
   mix_weight(ctx, theta, ctx->weff.p);
   for (size_t s = 0; s < zs->n; s++) {
     const double *xb = x + s * NX * hw;
     double *ob = out + s * c * hw, *u = ctx->g.p;
 
-    mix_terms(ctx, theta, zs->h, zs->w, xb, z + s * c * hw, u);
-    for (size_t i = 0; i < c * hw; i++)
-      ob[i] = xb[i % hw] > 0.5 ? fmax(ctx->a.p[i], u[i]) : 0.0;
+    mix_terms(ctx, theta, zs->h, zs->w, xb, z + s * c * hw, u, 0);
+    for (size_t r = 0; r < c; r++) {
+      const double *ar = ctx->a.p + r * hw, *ur = u + r * hw;
+      double *or = ob + r * hw;
+      for (size_t p = 0; p < hw; p++) {
+        double top = ar[p] > ur[p] ? ar[p] : ur[p];
+        or[p] = xb[p] > 0.5 ? top : 0.0;
+      }
+    }
   }
   (void)xs;
   return 0;
@@ -521,7 +542,7 @@ static int mix_vjp(void *vctx, const imp_shape *xs, const double *x,
   const double *vsrc = theta + c * c;
   double *gacc = NULL, *gv = NULL;
 
-  if (prepare(ctx, hw) != 0)
+  if (prepare(ctx, zs) != 0)
     return -1;
   mix_weight(ctx, theta, ctx->weff.p);
   if (vjp_theta != NULL) {
@@ -537,7 +558,7 @@ static int mix_vjp(void *vctx, const imp_shape *xs, const double *x,
     const double *xb = x + s * NX * hw, *vb = v + s * c * hw;
     double *u = ctx->g.p;
 
-    mix_terms(ctx, theta, zs->h, zs->w, xb, z + s * c * hw, u);
+    mix_terms(ctx, theta, zs->h, zs->w, xb, z + s * c * hw, u, 1);
     for (size_t r = 0; r < c; r++)
       for (size_t p = 0; p < hw; p++) {
         size_t i = r * hw + p;
@@ -919,6 +940,7 @@ void maze_model_free(maze_model *m)
   free(m->map.weff.p);
   free(m->map.g.p);
   free(m->map.arg.p);
+  free(m->map.pad.p);
   free(m->logits.p);
   free(m);
 }
