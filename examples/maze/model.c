@@ -146,8 +146,8 @@ static void neighbour_max(size_t c, size_t h, size_t w, const double *open,
  * arguments, and -inf (no open neighbour) becomes 0 as there.
  */
 static void neighbour_max_values(size_t c, size_t h, size_t w,
-                                 const double *open, const double *z,
-                                 double *m, double *pad)
+                                 const double *open, const double *z, double *m,
+                                 double *pad)
 {
   size_t hw = h * w, pw = w + 2;
 
@@ -518,10 +518,10 @@ static int mix_forward(void *vctx, const imp_shape *xs, const double *x,
     mix_terms(ctx, theta, zs->h, zs->w, xb, z + s * c * hw, u, 0);
     for (size_t r = 0; r < c; r++) {
       const double *ar = ctx->a.p + r * hw, *ur = u + r * hw;
-      double *or = ob + r * hw;
+      double * or = ob + r * hw;
       for (size_t p = 0; p < hw; p++) {
         double top = ar[p] > ur[p] ? ar[p] : ur[p];
-        or[p] = xb[p] > 0.5 ? top : 0.0;
+        or [p] = xb[p] > 0.5 ? top : 0.0;
       }
     }
   }
