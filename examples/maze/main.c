@@ -7,9 +7,10 @@
  *   imp-maze solve    FILE|- [--model FILE] [--rtol R] [--max-iter N]
  *   imp-maze eval     [--model FILE] [--count K] [--svg DIR] ...
  *
- * The model is in model.h: z_c(p) = o(p) max(gamma maxnbr(z_c)(p),
- * |v_c| source_c(p)), gamma < 1, a sup-norm contraction on every maze
- * size whose fixed point is a geometric flood from the start and goal.
+ * The model is in model.h.  The default map (--map mix) is
+ * z_r(p) = o(p) max(sum_k A_rk maxnbr(z_k)(p), |V_rS| s(p) + |V_rG| g(p))
+ * with A = gamma softmax(W) learned: non-negative rows summing to
+ * gamma < 1, so a sup-norm contraction on every maze size.
  */
 #include <math.h>
 #include <stdint.h>
@@ -49,12 +50,13 @@ static int die(const char *what, int rc)
 
 /* Common options. */
 typedef struct options {
-  const char *model, *out, *svg, *file, *backward, *solver, *sizes;
+  const char *model, *out, *svg, *file, *backward, *solver, *sizes, *map;
   size_t size, count, count_large, steps, batch, max_iter, log_every;
   size_t ckpt_every, train_iter, channels, hidden, count_random;
-  double minutes, lr, rtol, gamma;
+  size_t count_random_large;
+  double minutes, lr, rtol, rtol_random, gamma;
   uint64_t seed;
-  int solution, fresh, sources, relu, mix;
+  int solution, fresh, sources;
 } options;
 
 static void defaults(options *o)
@@ -62,13 +64,15 @@ static void defaults(options *o)
   memset(o, 0, sizeof *o);
   o->model = IMP_MAZE_DEFAULT_MODEL;
   o->out = "maze-train.ckpt";
-  o->backward = "implicit";
+  o->backward = "phantom";
   o->solver = "picard";
+  o->map = "mix";
   o->sizes = "9,13,33,59,201";
   o->size = 9;
   o->count = 1;
-  o->count_large = 20;
+  o->count_large = 200;
   o->count_random = 100;
+  o->count_random_large = 20;
   o->steps = 2000;
   o->batch = 32;
   o->max_iter = 100000;
@@ -78,6 +82,7 @@ static void defaults(options *o)
   o->minutes = 30.0;
   o->lr = 3e-3;
   o->rtol = 1e-8;
+  o->rtol_random = 1e-13;
   o->seed = 1;
 }
 
@@ -90,10 +95,6 @@ static int parse_options(int argc, char **argv, options *o, int want_file)
       o->solution = 1;
     else if (strcmp(a, "--sources-only") == 0)
       o->sources = 1;
-    else if (strcmp(a, "--relu-map") == 0)
-      o->relu = 1;
-    else if (strcmp(a, "--mix-map") == 0)
-      o->mix = 1;
     else if (strcmp(a, "--fresh") == 0)
       o->fresh = 1;
     else if (OPT("--size"))
@@ -102,6 +103,8 @@ static int parse_options(int argc, char **argv, options *o, int want_file)
       o->count = strtoul(v, NULL, 10);
     else if (OPT("--count-random"))
       o->count_random = strtoul(v, NULL, 10);
+    else if (OPT("--count-random-large"))
+      o->count_random_large = strtoul(v, NULL, 10);
     else if (OPT("--count-large"))
       o->count_large = strtoul(v, NULL, 10);
     else if (OPT("--seed"))
@@ -124,6 +127,10 @@ static int parse_options(int argc, char **argv, options *o, int want_file)
       o->lr = strtod(v, NULL);
     else if (OPT("--rtol"))
       o->rtol = strtod(v, NULL);
+    else if (OPT("--rtol-random"))
+      o->rtol_random = strtod(v, NULL);
+    else if (OPT("--map"))
+      o->map = v;
     else if (OPT("--max-iter"))
       o->max_iter = strtoul(v, NULL, 10);
     else if (OPT("--train-iter"))
@@ -160,13 +167,22 @@ static int parse_options(int argc, char **argv, options *o, int want_file)
 static int make_model(const options *o, int given, maze_model **model)
 {
   imp_deq_options dq = {0};
-  maze_model_config cfg = {
-      .channels = o->channels,
-      .hidden = o->hidden,
-      .gamma = o->gamma,
-      .sources_only = o->sources,
-      .kind =
-          o->relu ? MAZE_MAP_RELU : (o->mix ? MAZE_MAP_MIX : MAZE_MAP_FLOOD)};
+  maze_model_config cfg = {.channels = o->channels,
+                           .hidden = o->hidden,
+                           .gamma = o->gamma,
+                           .sources_only = o->sources};
+
+  if (strcmp(o->map, "mix") == 0)
+    cfg.kind = MAZE_MAP_MIX;
+  else if (strcmp(o->map, "flood") == 0)
+    cfg.kind = MAZE_MAP_FLOOD;
+  else if (strcmp(o->map, "relu") == 0)
+    cfg.kind = MAZE_MAP_RELU;
+  else {
+    fprintf(stderr, "imp-maze: unknown map '%s' (mix, flood or relu)\n",
+            o->map);
+    return IMP_EINVAL;
+  }
 
   dq.solver = imp_fp_type_by_name(o->solver);
   if (dq.solver == NULL) {
@@ -415,6 +431,11 @@ static int load_model(const options *o, int given, maze_model **model)
   if (rc != IMP_OK)
     return rc;
   rc = imp_checkpoint_load(o->model, maze_model_stack(*model), NULL, NULL);
+  if (rc == IMP_EFORMAT && strstr(imp_last_error(), "mismatch") != NULL)
+    fprintf(stderr,
+            "imp-maze: %s was saved from another architecture; "
+            "--map and --channels must match the training run\n",
+            o->model);
   if (rc != IMP_OK) {
     maze_model_free(*model);
     *model = NULL;
@@ -692,15 +713,23 @@ static int cmd_eval(const options *o)
     if (end == s && *s != '\0')
       break;
   }
+  /* The random starts stop at the tighter rtol_random: from a start above
+   * the fixed point the residual is only (1 - gamma) times the distance
+   * left, and at the far end of a large maze a distance of 1e-6 of the
+   * largest value is enough to flip a neighbour ratio the head reads. */
+  options o_random = *o;
+  o_random.rtol = o->rtol_random;
   rc = load_model(o, 0, &model);
   if (rc == IMP_OK)
-    rc = load_model(o, 1, &model_r);
+    rc = load_model(&o_random, 1, &model_r);
   if (rc != IMP_OK)
     return die(o->model, rc);
   maze_model_config cfg = maze_model_get_config(model);
 
-  printf("model %s: C = %zu, hidden %zu, gamma %g; solver %s, rtol %g\n\n",
-         o->model, cfg.channels, cfg.hidden, cfg.gamma, o->solver, o->rtol);
+  printf("model %s (%s map): C = %zu, hidden %zu, gamma %g; solver %s, "
+         "rtol %g (random starts %g)\n\n",
+         o->model, o->map, cfg.channels, cfg.hidden, cfg.gamma, o->solver,
+         o->rtol, o->rtol_random);
   printf("| size | mazes | exact | iterations mean / max | max rel. residual "
          "| unsettled | from random: same path / max z diff / iterations "
          "| seconds |\n");
@@ -710,7 +739,9 @@ static int cmd_eval(const options *o)
     size_t cells = maze_cells_for_size(sizes[si]);
     size_t count = sizes[si] > 100 ? o->count_large : o->count;
     size_t correct = 0, itmax = 0, same = 0, ncurve, unsettled = 0;
-    size_t nrandom = count < o->count_random ? count : o->count_random;
+    size_t nrandom = sizes[si] > 100 ? o->count_random_large : o->count_random;
+    if (nrandom > count)
+      nrandom = count;
     double itsum = 0.0, itsum_r = 0.0, resmax = 0.0, zdiff = 0.0, t0 = now();
     imp_rng rng, init_rng;
     FILE *svg = NULL;
@@ -855,20 +886,22 @@ static const char *help_train =
     "  --batch B         mazes per step (32)\n"
     "  --lr A            one-cycle peak learning rate (3e-3)\n"
     "  --minutes M       stop (resumably) after M minutes (30)\n"
-    "  --backward MODE   implicit | phantom | unrolled (implicit)\n"
+    "  --backward MODE   phantom | implicit | unrolled (phantom)\n"
     "  --train-iter N    forward and adjoint budget in training (300)\n"
     "  --seed S          training data seed (1)\n"
     "  --log-every N, --ckpt-every N   progress line, checkpoint period\n"
-    "  --channels C, --hidden H, --gamma G   architecture (C 2, 8 relu,\n"
-    "                    4 mix; H 16; G 0.999)\n"
-    "  --relu-map        the first version's relu map instead of the flood\n"
-    "  --mix-map         the flood with learned channel mixing (C = 4)\n"
+    "  --map NAME        mix: the flood with learned channel mixing (the\n"
+    "                    default); flood: the fixed two-channel flood;\n"
+    "                    relu: the first version's relu map\n"
+    "  --channels C, --hidden H, --gamma G   architecture (C 4 mix, 2\n"
+    "                    flood, 8 relu; H 16; G 0.999)\n"
     "  --sources-only    relu map: no bias or open-channel input\n";
 
 static const char *help_solve =
     "usage: imp-maze solve FILE|- [options]\n"
     "  writes every maze of FILE with '*' on the predicted path\n"
     "  --model FILE      checkpoint (default the shipped one)\n"
+    "  --map NAME        the checkpoint's map: mix (default), flood, relu\n"
     "  --rtol R          stop when |h(z) - z| <= R |h(z)| (1e-8)\n"
     "  --max-iter N      iteration budget (100000)\n"
     "  --solver NAME     picard | anderson | broyden (picard)\n";
@@ -878,10 +911,12 @@ static const char *help_eval =
     "  --model FILE      checkpoint (default the shipped one)\n"
     "  --sizes LIST      maze sizes (9,13,33,59,201)\n"
     "  --count K         held-out mazes per size (1000)\n"
-    "  --count-large K   mazes for sizes above 100 (20)\n"
+    "  --count-large K   mazes for sizes above 100 (200)\n"
     "  --count-random K  of those, solved from a random state too (100)\n"
+    "  --count-random-large K   the same for sizes above 100 (20)\n"
     "  --svg DIR         write maze_accuracy.svg and maze_SIZE.svg there\n"
-    "  --rtol R, --max-iter N, --solver NAME   as for solve\n";
+    "  --rtol-random R   residual test of the random starts (1e-13)\n"
+    "  --model, --map, --rtol, --max-iter, --solver   as for solve\n";
 
 int main(int argc, char **argv)
 {

@@ -445,53 +445,66 @@ static int flood_vjp(void *vctx, const imp_shape *xs, const double *x,
 /* The mixing flood map                                                 */
 /* ------------------------------------------------------------------ */
 
-/* Logit of W between a channel fed by the start and one fed by the goal
- * at initialisation; within each half the logits start at 0.  The rows
- * then mix their own half evenly and leak about 6e-6 across, so training
- * starts from two floods of two channels each.  Why this start and not a
- * strong diagonal, and why a larger leak fails, is in docs/maze.md. */
-#define MIX_CROSS -12.0
+/* The first channel of row r's half: 0 for the channels fed by the
+ * start, C/2 for those fed by the goal. */
+static size_t mix_half(size_t c, size_t r)
+{
+  return r < c / 2 ? 0 : c / 2;
+}
 
-/* A = gamma softmax(W) row by row: non-negative rows summing to gamma. */
+/*
+ * A (C x C, zero across the halves) from W (C x C/2): row r of A is
+ * gamma softmax(W_r) over the channels of r's own half, so its entries
+ * are non-negative and sum to gamma.  Nothing flows between the halves:
+ * an earlier version learned those entries too, and a leak of 7e-5 was
+ * enough to turn the start's flood into the goal's at the far end of a
+ * 201x201 maze (docs/maze.md).
+ */
 static void mix_weight(const map_ctx *ctx, const double *w, double *a)
 {
-  size_t c = ctx->c;
+  size_t c = ctx->c, half = c / 2;
 
+  memset(a, 0, c * c * sizeof *a);
   for (size_t r = 0; r < c; r++) {
-    double top = w[r * c], sum = 0.0;
-    for (size_t k = 1; k < c; k++)
-      top = fmax(top, w[r * c + k]);
-    for (size_t k = 0; k < c; k++) {
-      a[r * c + k] = exp(w[r * c + k] - top);
-      sum += a[r * c + k];
+    const double *wr = w + r * half;
+    double *ar = a + r * c + mix_half(c, r), top = wr[0], sum = 0.0;
+
+    for (size_t j = 1; j < half; j++)
+      top = fmax(top, wr[j]);
+    for (size_t j = 0; j < half; j++) {
+      ar[j] = exp(wr[j] - top);
+      sum += ar[j];
     }
-    for (size_t k = 0; k < c; k++)
-      a[r * c + k] *= ctx->gamma / sum;
+    for (size_t j = 0; j < half; j++)
+      ar[j] *= ctx->gamma / sum;
   }
 }
 
 /* For one sample: the neighbour maxima m, the mixed carry a = A m, and
- * the injected sources u = |V_S| s + |V_G| g, all (C, hw). */
+ * the injected sources u_r = |v_r| src_r (src_r the start for the first
+ * half of the channels, the goal for the second), all (C, hw). */
 static void mix_terms(map_ctx *ctx, const double *theta, size_t h, size_t w,
                       const double *x, const double *z, double *u, int with_arg)
 {
-  size_t c = ctx->c, hw = h * w;
-  const double *v = theta + c * c, *s = x + hw, *g = x + 2 * hw;
+  size_t c = ctx->c, hw = h * w, half = c / 2;
+  const double *v = theta + c * half;
 
   if (with_arg)
     neighbour_max(c, h, w, x, z, ctx->m.p, ctx->arg.p);
   else
     neighbour_max_values(c, h, w, x, z, ctx->m.p, ctx->pad.p);
   for (size_t r = 0; r < c; r++) {
+    size_t k0 = mix_half(c, r);
     double *restrict ar = ctx->a.p + r * hw, *restrict ur = u + r * hw;
     const double *restrict m = ctx->m.p, *wr = ctx->weff.p + r * c;
-    double vs = fabs(v[2 * r]), vg = fabs(v[2 * r + 1]);
+    const double *restrict src = x + (k0 == 0 ? 1 : 2) * hw;
+    double vr = fabs(v[r]);
 
     for (size_t p = 0; p < hw; p++) {
-      ar[p] = wr[0] * m[p];
-      ur[p] = vs * s[p] + vg * g[p];
+      ar[p] = wr[k0] * m[k0 * hw + p];
+      ur[p] = vr * src[p];
     }
-    for (size_t k = 1; k < c; k++) {
+    for (size_t k = k0 + 1; k < k0 + half; k++) {
       const double *restrict mk = m + k * hw;
       double akk = wr[k];
       for (size_t p = 0; p < hw; p++)
@@ -538,8 +551,8 @@ static int mix_vjp(void *vctx, const imp_shape *xs, const double *x,
                    double *vjp_theta)
 {
   map_ctx *ctx = vctx;
-  size_t c = ctx->c, hw = zs->h * zs->w;
-  const double *vsrc = theta + c * c;
+  size_t c = ctx->c, hw = zs->h * zs->w, half = c / 2;
+  const double *vsrc = theta + c * half;
   double *gacc = NULL, *gv = NULL;
 
   if (prepare(ctx, zs) != 0)
@@ -549,7 +562,7 @@ static int mix_vjp(void *vctx, const imp_shape *xs, const double *x,
     gacc = calloc(c * c, sizeof *gacc);
     if (gacc == NULL)
       return -1;
-    gv = vjp_theta + c * c;
+    gv = vjp_theta + c * half;
   }
   if (vjp_z != NULL)
     memset(vjp_z, 0, zs->n * c * hw * sizeof *vjp_z);
@@ -568,7 +581,7 @@ static int mix_vjp(void *vctx, const imp_shape *xs, const double *x,
         if (vjp_x != NULL)
           vjp_x[s * NX * hw + p] += g * fmax(a, u[i]);
         if (a > u[i]) {
-          for (size_t k = 0; k < c; k++) {
+          for (size_t k = mix_half(c, r); k < mix_half(c, r) + half; k++) {
             long src = ctx->arg.p[k * hw + p];
             if (src < 0)
               continue;
@@ -579,25 +592,28 @@ static int mix_vjp(void *vctx, const imp_shape *xs, const double *x,
           }
           continue;
         }
-        for (size_t j = 0; j < 2; j++) {
-          double vj = vsrc[2 * r + j], srcj = xb[(1 + j) * hw + p];
-          double sg = vj > 0.0 ? 1.0 : (vj < 0.0 ? -1.0 : 0.0);
+        {
+          size_t j = mix_half(c, r) == 0 ? 1 : 2;
+          double vr = vsrc[r], srcr = xb[j * hw + p];
+          double sg = vr > 0.0 ? 1.0 : (vr < 0.0 ? -1.0 : 0.0);
           if (gv != NULL)
-            gv[2 * r + j] += g * sg * srcj;
+            gv[r] += g * sg * srcr;
           if (vjp_x != NULL)
-            vjp_x[s * NX * hw + (1 + j) * hw + p] += g * fabs(vj);
+            vjp_x[s * NX * hw + j * hw + p] += g * fabs(vr);
         }
       }
   }
 
-  /* Through the softmax: dA_rk/dW_rj = A_rk ([k = j] - A_rj / gamma). */
+  /* Through the softmax of each row over its own half:
+   * dA_rk/dW_rj = A_rk ([k = j] - A_rj / gamma). */
   for (size_t r = 0; vjp_theta != NULL && r < c; r++) {
+    const double *ar = ctx->weff.p + r * c + mix_half(c, r);
+    const double *gr = gacc + r * c + mix_half(c, r);
     double dot = 0.0;
-    for (size_t k = 0; k < c; k++)
-      dot += gacc[r * c + k] * ctx->weff.p[r * c + k];
-    for (size_t j = 0; j < c; j++)
-      vjp_theta[r * c + j] +=
-          ctx->weff.p[r * c + j] * (gacc[r * c + j] - dot / ctx->gamma);
+    for (size_t j = 0; j < half; j++)
+      dot += gr[j] * ar[j];
+    for (size_t j = 0; j < half; j++)
+      vjp_theta[r * half + j] += ar[j] * (gr[j] - dot / ctx->gamma);
   }
   free(gacc);
   (void)xs;
@@ -846,12 +862,10 @@ int maze_model_create(const maze_model_config *cfg, uint64_t seed,
 
   /* The map's parameters.  Flood: the source gains v, near 1.  Relu: W
    * near gamma I (each channel its own flood to begin with), V normal, b
-   * zero.  Mix: W even within each half and MIX_CROSS across, and
-   * V = (V_S, V_G) feeding the first half of the channels from the start
-   * and the second half from the goal, with a small leak from the other
-   * source. */
+   * zero.  Mix: the logits W near 0 (each row mixes its half about
+   * evenly) and the gains v near 1. */
   int flood = m->cfg.kind == MAZE_MAP_FLOOD, mix = m->cfg.kind == MAZE_MAP_MIX;
-  ntheta = flood ? c : (mix ? c * c + 2 * c : c * c + c * NX + c);
+  ntheta = flood ? c : (mix ? c * c / 2 + c : c * c + c * NX + c);
   theta = calloc(ntheta, sizeof *theta);
   if (theta == NULL) {
     free(m);
@@ -865,16 +879,10 @@ int maze_model_create(const maze_model_config *cfg, uint64_t seed,
           (r == k ? m->cfg.gamma : 0.0) + 0.05 * imp_rng_normal(&rng);
   for (size_t i = 0; !flood && !mix && i < c * NX; i++)
     theta[c * c + i] = 0.5 * imp_rng_normal(&rng);
-  for (size_t r = 0; mix && r < c; r++) {
-    for (size_t k = 0; k < c; k++)
-      theta[r * c + k] = ((r < c / 2) == (k < c / 2) ? 0.0 : MIX_CROSS) +
-                         0.1 * imp_rng_normal(&rng);
-    int from_start = r < c / 2;
-    theta[c * c + 2 * r] = from_start ? 1.0 + 0.1 * imp_rng_normal(&rng)
-                                      : 0.01 * imp_rng_normal(&rng);
-    theta[c * c + 2 * r + 1] = from_start ? 0.01 * imp_rng_normal(&rng)
-                                          : 1.0 + 0.1 * imp_rng_normal(&rng);
-  }
+  for (size_t i = 0; mix && i < c * c / 2; i++)
+    theta[i] = 0.1 * imp_rng_normal(&rng);
+  for (size_t r = 0; mix && r < c; r++)
+    theta[c * c / 2 + r] = 1.0 + 0.1 * imp_rng_normal(&rng);
 
   imp_deq_map map = {.ntheta = ntheta,
                      .x_channels = NX,
