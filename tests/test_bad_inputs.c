@@ -147,7 +147,7 @@ static void adjoint_rows(void)
   imp_adjoint_options opt = {.method = IMP_ADJOINT_DENSE_LU};
   imp_problem p = lin_problem;
   double x[2] = {1, 2}, y[2] = {0.5, 1}, ybar[2] = {1, -1}, v[2], xbar[2];
-  double inf_bar[2] = {INFINITY, 0};
+  double inf_bar[2] = {INFINITY, 0}, nan_y[2] = {0.5, NAN};
 
   set_matrix(2, 0, 0, 2);
   record(e, "NULL problem", IMP_EINVAL,
@@ -166,6 +166,12 @@ static void adjoint_rows(void)
   p = lin_problem;
   record(e, "Inf in ybar", IMP_ENONFINITE,
          imp_adjoint_solve(&p, x, y, NULL, inf_bar, v, xbar, NULL, &opt, NULL));
+  record(
+      e, "NaN in y", IMP_ENONFINITE,
+      imp_adjoint_solve(&p, x, nan_y, NULL, ybar, v, xbar, NULL, &opt, NULL));
+  record(
+      e, "Inf in x", IMP_ENONFINITE,
+      imp_adjoint_solve(&p, inf_bar, y, NULL, ybar, v, xbar, NULL, &opt, NULL));
   set_matrix(1, 1, 1, 1);
   record(e, "singular df/dy", IMP_ESINGULAR,
          imp_adjoint_solve(&p, x, y, NULL, ybar, v, xbar, NULL, &opt, NULL));

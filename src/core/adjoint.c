@@ -525,6 +525,12 @@ int imp_adjoint_solve(const imp_problem *p, const double *x, const double *y,
     return imp__fail(IMP_EINVAL, "adjoint: NULL y, ybar, x or theta");
   if (!imp__all_finite(ybar, p->ny))
     return imp__fail(IMP_ENONFINITE, "adjoint: NaN or Inf in ybar");
+  if (!imp__all_finite(y, p->ny))
+    return imp__fail(IMP_ENONFINITE, "adjoint: NaN or Inf in the solution y");
+  if (p->nx > 0 && !imp__all_finite(x, p->nx))
+    return imp__fail(IMP_ENONFINITE, "adjoint: NaN or Inf in x");
+  if (p->ntheta > 0 && !imp__all_finite(theta, p->ntheta))
+    return imp__fail(IMP_ENONFINITE, "adjoint: NaN or Inf in theta");
   c = configure(p, opt);
   st.method = c.method;
 
