@@ -1,10 +1,10 @@
 /*
- * model.h - the maze DEQ: a flood map that is a contraction in the sup
+ * model.h - the maze DEQ: flood maps that are contractions in the sup
  * norm by construction, and a scale-free head.
  *
  * Input x, per pixel: open o, start s, goal g (3 channels).  State z: C
- * non-negative channels per pixel (C even, default 2).  The map (the
- * default, MAZE_MAP_FLOOD) is
+ * non-negative channels per pixel (C even).  The fixed flood
+ * (MAZE_MAP_FLOOD, C = 2 by default) is
  *
  *     h(x, z)_c(p) = o(p) max(gamma m_c(p), |v_c| x_src(c)(p)),
  *     m_c(p) = max { z_c(q) : q an open 4-neighbour of p }  (0 if none),
@@ -26,14 +26,16 @@
  *
  *     h(x, z)(p) = o(p) relu(A m(p) + V x(p) + b),  |A_r|_1 <= gamma.
  *
- * The mixing flood (MAZE_MAP_MIX) learns how the channels feed each
- * other:
+ * The mixing flood (MAZE_MAP_MIX, C = 4 by default; imp-maze's default)
+ * learns how the channels of each source feed each other:
  *
- *     h(x, z)_r(p) = o(p) max(sum_k A_rk m_k(p), |V_rS| s(p) + |V_rG| g(p)),
- *     A = gamma softmax(W), row by row,
+ *     h(x, z)_r(p) = o(p) max(sum_k A_rk m_k(p), |v_r| x_src(r)(p)),
+ *     A_r = gamma softmax(W_r) over the channels of r's own half,
  *
- * so A is non-negative with rows summing to gamma: the same sup-norm bound
- * gamma, still no bias, and a fixed point that scales with V.
+ * A zero between the halves (W is C x C/2).  Its rows are non-negative
+ * and sum to gamma: the same sup-norm bound gamma, still no bias, and a
+ * fixed point that scales with v.  Why the halves must not mix is in
+ * docs/maze.md.
  *
  * Head, per pixel p and direction e (4 of them), with q = p + e:
  *
@@ -59,8 +61,8 @@
 extern "C" {
 #endif
 
-/** The maps: the flood (default), the relu map of the first version,
- *  kept for comparison, and the flood with learned mixing. */
+/** The maps: the fixed flood, the relu map of the first version, kept
+ *  for comparison, and the flood with learned mixing. */
 enum { MAZE_MAP_FLOOD = 0, MAZE_MAP_RELU = 1, MAZE_MAP_MIX = 2 };
 
 /** Architecture; the zero value means the defaults beside the fields. */
@@ -72,7 +74,8 @@ typedef struct maze_model_config {
   int sources_only; /**< 1: b = 0 and no open-channel term in V x, so
                          only S and G feed the floods (default 0);
                          relu map only */
-  int kind;         /**< MAZE_MAP_FLOOD (default), _RELU or _MIX */
+  int kind;         /**< MAZE_MAP_FLOOD (the zero value), _RELU or _MIX
+                         (imp-maze's default) */
 } maze_model_config;
 
 typedef struct maze_model maze_model;
