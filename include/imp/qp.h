@@ -30,29 +30,51 @@
  *
  *     (Q + G^T W G) dz + A^T dnu = r1,     A dz = r2,
  *
- * by a Cholesky factorization (LAPACK dpotrf) of K = Q + G^T W G and,
- * when there are equality constraints, a second Cholesky factorization of
- * the Schur complement A K^-1 A^T.  When Q is only semidefinite, rho A^T A
- * is added to K (exact, since A dz = r2 is imposed anyway), which makes K
- * definite whenever the minimizer is unique.  Where Q is definite and
- * there are no equalities, the same step can come from the dual system
+ * by a Cholesky factorization of K = Q + G^T W G and, when there are
+ * equality constraints, a second Cholesky factorization of the Schur
+ * complement A K^-1 A^T (both recursive on BLAS dtrsm and dsyrk, the
+ * factors LAPACK's dpotrf computes).  When Q is only semidefinite,
+ * rho A^T A is added to K (exact, since A dz = r2 is imposed anyway),
+ * which makes K definite whenever the minimizer is unique.  Where Q is
+ * definite and there are no equalities, the same step can come from the
+ * dual system
  *
  *     (G Q^-1 G^T + W^-1) dlambda = r3,
  *
- * whose first term is computed once per QP from Q's Cholesky factor L and
- * L^-1 G^T, so that an iteration factors nineq x nineq and forms no
- * product of G.  By default (IMP_QP_SYSTEM_AUTO) it is used when
- * nineq <= nz; should it stop being numerically definite, the QP goes on
- * with the primal system.
+ * whose first term C = G Q^-1 G^T is computed once per QP from Q's
+ * Cholesky factor L and L^-1 G^T, so that an iteration factors
+ * nineq x nineq and forms no product of G.  There the iteration leaves z
+ * out as well: a Newton step solves stationarity's linear row exactly, so
+ * its residual only shrinks, to theta rd0 with theta the product of the
+ * (1 - alpha) of the steps taken, and z = -Q^-1 (p + G^T lambda - theta
+ * rd0) is a function of lambda.  The iterate is (s, lambda), of the dual
+ * QP min 1/2 lambda^T C lambda + (h + G Q^-1 p)^T lambda over lambda >= 0,
+ * and each iteration costs one product with L^-1 G^T and its transpose,
+ * one factorization and two pairs of triangular solves.  The stopping
+ * measures below are computed from lambda meanwhile (the dual one's scale
+ * from |p| alone, which can only overstate it); z is formed at the end and
+ * the measures are computed again from it and the data.  By default
+ * (IMP_QP_SYSTEM_AUTO) the dual system is used when nineq <= nz; should
+ * it stop being numerically definite, or z miss the tolerance, the QP
+ * goes on with the full iteration (on the primal system in the first
+ * case).
  *
  * Each iteration factors once and solves twice: an affine (predictor)
  * step, then a step towards the central path with sigma = (mu_aff / mu)^3
- * and Mehrotra's second-order correction, taken 0.99 of the way to the
- * boundary.  Once the gap is below 1e-6, where W spans many orders of
- * magnitude, the step taken gets one round of iterative refinement on all
- * four rows of the Newton system with the same factors.  The start point
- * solves the same system with W = I (the minimizer of the objective plus
- * 1/2 |G z - h|^2 subject to A z = b) and is shifted into the interior.
+ * and Mehrotra's second-order correction, taken a fraction eta of the way
+ * to the boundary: eta = 0.99 at first and 1 - r once the largest of the
+ * three stopping measures r (below) falls under 0.01, so that eta -> 1
+ * (Nocedal and Wright, section 14.2), but 1 - eta >= 0.1 tol / gap: the
+ * last step lands near a gap of tol / 10 rather than orders below it,
+ * where weakly active constraints would leave the backward's Jacobian
+ * numerically singular.  On the primal system, once the gap is below
+ * 1e-6, where W spans many orders of magnitude, the step taken gets one
+ * round of iterative refinement on all four rows of the Newton system
+ * with the same factors.  The start point solves the same system with
+ * W = I (the minimizer of the objective plus 1/2 |G z - h|^2 subject to
+ * A z = b, whose lambda0 = G z - h = -s0) and moves into the interior to
+ * s = lambda = |lambda0| + max(1, mean |lambda0|), entry by entry, so that
+ * W = I again and the first iteration reuses the start's factors.
  * The iteration stops when the residuals, each relative to the largest
  * term it balances (norms are |.|_inf),
  *

@@ -19,7 +19,8 @@
 #include "core/lapack.h"
 #include "opt/qp_internal.h"
 
-/* Mehrotra's step: this fraction of the way to the boundary. */
+/* The fraction of the way to the boundary that steps go at first, and at
+ * least (step_fraction). */
 #define STEP_FRACTION 0.99
 
 /* The relative gap below which steps are refined: earlier, W is mild and
@@ -52,10 +53,14 @@ struct ipm_work {
   double *w;                    /* m: lambda / s */
   double *Qz;                   /* n: Qs z */
   double *tn, *tm, *tp;         /* scratch: n, m, p */
+  double *gl;                   /* n: G^T lambda + A^T nu (residuals) */
   double *LQ;                   /* n x n: Cholesky factor of Qs */
   double *MG;                   /* n x m column-major: LQ^-1 G^T */
   double *C;                    /* m x m: MG^T MG = G Q^-1 G^T */
   double *H;                    /* m x m: C + diag(s / lambda), its factor */
+  double *u, *v0, *yl;          /* n each: the dual iteration's (see */
+  double *gq, *w0, *rq, *g0;    /* m each:  ipm_dual) */
+  double *rl;                   /* m: 1 / lambda (ipm_dual) */
   double *e1, *e2, *e3, *e4;    /* refinement: row residuals n, p, m, m */
   double *cz, *cs, *cl, *cnu;   /* refinement: the correction */
   double *eig, *eig_work;       /* n and 3n + 1: eigenvalues of Q */
@@ -64,8 +69,12 @@ struct ipm_work {
   int dual_possible;            /* the dual system's arrays are allocated */
   int q_definite;               /* Qs is definite (check_convexity) */
   double q_max;                 /* largest eigenvalue of Qs, if computed */
+  double theta, rd0;            /* the dual iteration's rd = theta rd0,
+                                   and |rd0|_inf */
+  double x0_norm;               /* |Q^-1 p|_1 (dual_certify) */
+  int factored;                 /* the factors are those of the current W */
   /* Scales of the current QP. */
-  double norm_p, norm_bh, norm_Q, norm_A, norm_G, length;
+  double norm_p, norm_bh, length;
 };
 
 /* What one QP's solve reached. */
@@ -75,7 +84,7 @@ typedef struct ipm_result {
 } ipm_result;
 
 /* The workspace's arrays and their lengths, for allocation and release. */
-#define WORK_ARRAYS 39
+#define WORK_ARRAYS 48
 
 static void work_table(ipm_work *ws, double **ptr[WORK_ARRAYS],
                        size_t size[WORK_ARRAYS])
@@ -109,10 +118,19 @@ static void work_table(ipm_work *ws, double **ptr[WORK_ARRAYS],
   ENTRY(tn, n);
   ENTRY(tm, m);
   ENTRY(tp, p);
+  ENTRY(gl, n);
   ENTRY(LQ, n * n);
   ENTRY(MG, n * md);
   ENTRY(C, md * md);
   ENTRY(H, md * md);
+  ENTRY(u, md > 0 ? n : 0);
+  ENTRY(v0, md > 0 ? n : 0);
+  ENTRY(yl, md > 0 ? n : 0);
+  ENTRY(gq, md);
+  ENTRY(w0, md);
+  ENTRY(rq, md);
+  ENTRY(g0, md);
+  ENTRY(rl, md);
   ENTRY(e1, n);
   ENTRY(e2, p);
   ENTRY(e3, m);
@@ -177,6 +195,130 @@ static double norm_inf(size_t n, const double *a)
   return r;
 }
 
+/* The order below which chol_lower factors without recursing. */
+#define CHOL_BASE 16
+
+/*
+ * The Cholesky factorization a = L L^T of the n x n column-major matrix a
+ * (leading dimension lda), lower triangle read and overwritten by L: what
+ * LAPACK's dpotrf("L") does, by recursion on halves (Gustavson's
+ * recursive Cholesky).  The leading n1 columns are factored, the block
+ * below them becomes L21 = A21 L11^-T (dtrsm), the trailing block is
+ * updated by A22 - L21 L21^T (dsyrk) and factored in turn.  At the orders
+ * of these QPs (tens to a few hundred) nearly all the work falls in those
+ * two level-3 calls, where OpenBLAS's dpotrf spends much of its time in
+ * an unblocked panel; at n = 100 this ran 10 to 15% faster.  The split is
+ * rounded to a multiple of 8, which suits the BLAS kernels' blocking.
+ * Returns 0, or j > 0 if the leading minor of order j is not positive
+ * definite (a pivot is not positive, or NaN), as dpotrf's info.
+ */
+static int chol_lower(int n, double *a, int lda)
+{
+  int n1, n2, info;
+
+  if (n <= CHOL_BASE) {
+    for (int j = 0; j < n; j++) {
+      double *restrict cj = a + (size_t)j * (size_t)lda, pivot = cj[j], r;
+
+      if (!(pivot > 0.0))
+        return j + 1;
+      pivot = sqrt(pivot);
+      cj[j] = pivot;
+      r = 1.0 / pivot;
+      for (int i = j + 1; i < n; i++)
+        cj[i] *= r;
+      for (int l = j + 1; l < n; l++) {
+        double *restrict cl = a + (size_t)l * (size_t)lda, f = cj[l];
+
+        for (int i = l; i < n; i++)
+          cl[i] -= f * cj[i];
+      }
+    }
+    return 0;
+  }
+
+  n1 = (n / 2 + 7) / 8 * 8;
+  n1 = n1 < n ? n1 : n / 2;
+  n2 = n - n1;
+  info = chol_lower(n1, a, lda);
+  if (info != 0)
+    return info;
+  cblas_dtrsm(CblasColMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit,
+              n2, n1, 1.0, a, lda, a + n1, lda);
+  cblas_dsyrk(CblasColMajor, CblasLower, CblasNoTrans, n2, n1, -1.0, a + n1,
+              lda, 1.0, a + n1 + (size_t)n1 * (size_t)lda, lda);
+  info = chol_lower(n2, a + n1 + (size_t)n1 * (size_t)lda, lda);
+  return info != 0 ? info + n1 : 0;
+}
+
+/*
+ * Solve L^T x = b in place (x holds b on entry), L lower triangular,
+ * column-major with leading dimension lda: dtrsv("L", "T", "N").  Row i
+ * of L^T is column i of L, so x_i = (b_i - L[i+1:, i]^T x[i+1:]) / L_ii,
+ * from the last row up.  Four rows are taken at once: their four dot
+ * products with the part of x already known share each load of x, each
+ * split in two sums (even and odd j) so that eight independent additions
+ * are in flight, and the 4 x 4 triangle at their end is solved directly.
+ * At n = 100 this took 1.65 us against 2.9 us for OpenBLAS's dtrsv, whose
+ * transposed kernel works in short blocks with a call each.
+ */
+static void trsv_lower_trans(int n, const double *L, int lda, double *x)
+{
+  int i = n - 1;
+
+  /* The bottom rows, n mod 4 of them, one at a time. */
+  for (; i >= 0 && (i + 1) % 4 != 0; i--) {
+    const double *restrict c = L + (size_t)i * (size_t)lda;
+    double v = x[i];
+
+    for (int j = i + 1; j < n; j++)
+      v -= c[j] * x[j];
+    x[i] = v / c[i];
+  }
+
+  /* Then rows i - 3 .. i together. */
+  for (; i >= 3; i -= 4) {
+    const double *restrict c0 = L + (size_t)(i - 3) * (size_t)lda;
+    const double *restrict c1 = c0 + lda, *restrict c2 = c1 + lda;
+    const double *restrict c3 = c2 + lda;
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, x0, x1, x2, x3;
+    double t0 = 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0;
+    int j = i + 1;
+
+    for (; j + 2 <= n; j += 2) {
+      const double xa = x[j], xb = x[j + 1];
+
+      s0 += c0[j] * xa;
+      t0 += c0[j + 1] * xb;
+      s1 += c1[j] * xa;
+      t1 += c1[j + 1] * xb;
+      s2 += c2[j] * xa;
+      t2 += c2[j + 1] * xb;
+      s3 += c3[j] * xa;
+      t3 += c3[j + 1] * xb;
+    }
+    if (j < n) {
+      s0 += c0[j] * x[j];
+      s1 += c1[j] * x[j];
+      s2 += c2[j] * x[j];
+      s3 += c3[j] * x[j];
+    }
+    s0 += t0;
+    s1 += t1;
+    s2 += t2;
+    s3 += t3;
+    x3 = (x[i] - s3) / c3[i];
+    x2 = (x[i - 1] - s2 - c2[i] * x3) / c2[i - 1];
+    x1 = (x[i - 2] - s1 - c1[i] * x3 - c1[i - 1] * x2) / c1[i - 2];
+    x0 = (x[i - 3] - s0 - c0[i] * x3 - c0[i - 1] * x2 - c0[i - 2] * x1) /
+         c0[i - 3];
+    x[i] = x3;
+    x[i - 1] = x2;
+    x[i - 2] = x1;
+    x[i - 3] = x0;
+  }
+}
+
 /*
  * Cholesky factorization (lower) in place of the n x n matrix a, which
  * build(ws, d, a) fills.  If a is not numerically definite, it is built
@@ -205,15 +347,16 @@ static int cholesky(ipm_work *ws, const imp__qp_view *d, build_fn build,
       for (size_t i = 0; i < n; i++)
         a[i * n + i] += shift * dmax;
     }
-    dpotrf_("L", &ni, a, &ni, &info, 1);
-    if (info <= 0)
-      return info;
+    info = chol_lower(ni, a, ni);
+    if (info == 0)
+      return 0;
   }
   return info;
 }
 
 /*
- * The convexity check of Q's symmetric part.  A Cholesky factorization
+ * The convexity check of Q's symmetric part, whose lower triangle prepare
+ * left in LQ.  A Cholesky factorization
  * whose pivots all exceed psd_tol times the largest diagonal entry proves
  * Q definite (every pivot bounds the smallest eigenvalue from above, so a
  * tiny pivot means a nearly singular Q).  Otherwise the eigenvalues decide:
@@ -227,8 +370,7 @@ static int check_convexity(ipm_work *ws, const imp__qp_config *c, size_t k)
   size_t n = ws->n;
   double lo, hi, scale, dmax = 0.0, pivot = INFINITY;
 
-  memcpy(ws->LQ, ws->Qs, n * n * sizeof(double));
-  dpotrf_("L", &ni, ws->LQ, &ni, &info, 1);
+  info = chol_lower(ni, ws->LQ, ni);
   for (size_t i = 0; i < n; i++) {
     dmax = fmax(dmax, ws->Qs[i * n + i]);
     pivot = fmin(pivot, ws->LQ[i * n + i] * ws->LQ[i * n + i]);
@@ -263,9 +405,6 @@ static void measure_data(ipm_work *ws, const imp__qp_view *d)
 
   ws->norm_p = norm_inf(n, d->p);
   ws->norm_bh = fmax(norm_inf(p, d->b), norm_inf(m, d->h));
-  ws->norm_Q = norm_inf(n * n, ws->Qs);
-  ws->norm_A = norm_inf(p * n, d->A);
-  ws->norm_G = norm_inf(m * n, d->G);
   ws->length = 1.0 + fmax(ws->norm_p, ws->norm_bh);
 }
 
@@ -299,13 +438,14 @@ static void build_s(ipm_work *ws, const imp__qp_view *d, double *S)
 static int factor_dual(ipm_work *ws)
 {
   size_t m = ws->m;
-  int mi = (int)m, info = 0;
+  int mi = (int)m;
 
-  memcpy(ws->H, ws->C, m * m * sizeof(double));
-  for (size_t i = 0; i < m; i++)
-    ws->H[i * m + i] += 1.0 / ws->w[i];
-  dpotrf_("L", &mi, ws->H, &mi, &info, 1);
-  return info;
+  /* Only the lower triangle is read, so only it is copied. */
+  for (size_t j = 0; j < m; j++) {
+    memcpy(ws->H + j * m + j, ws->C + j * m + j, (m - j) * sizeof(double));
+    ws->H[j * m + j] += 1.0 / ws->w[j];
+  }
+  return chol_lower(mi, ws->H, mi);
 }
 
 /*
@@ -369,8 +509,7 @@ static void solve_reduced(ipm_work *ws, const imp__qp_view *d, double *g,
   cblas_dtrsv(CblasColMajor, CblasLower, CblasNoTrans, CblasNonUnit, ni, ws->K,
               ni, g, 1);
   if (pi == 0) {
-    cblas_dtrsv(CblasColMajor, CblasLower, CblasTrans, CblasNonUnit, ni, ws->K,
-                ni, g, 1);
+    trsv_lower_trans(ni, ws->K, ni, g);
     return;
   }
 
@@ -380,12 +519,10 @@ static void solve_reduced(ipm_work *ws, const imp__qp_view *d, double *g,
               1);
   cblas_dtrsv(CblasColMajor, CblasLower, CblasNoTrans, CblasNonUnit, pi, ws->S,
               pi, u, 1);
-  cblas_dtrsv(CblasColMajor, CblasLower, CblasTrans, CblasNonUnit, pi, ws->S,
-              pi, u, 1);
+  trsv_lower_trans(pi, ws->S, pi, u);
   cblas_dgemv(CblasColMajor, CblasNoTrans, ni, pi, -1.0, ws->M, ni, u, 1, 1.0,
               g, 1);
-  cblas_dtrsv(CblasColMajor, CblasLower, CblasTrans, CblasNonUnit, ni, ws->K,
-              ni, g, 1);
+  trsv_lower_trans(ni, ws->K, ni, g);
 }
 
 /*
@@ -453,14 +590,12 @@ static void direction_dual(ipm_work *ws, const double *rd, const double *rin,
               1.0, dl, 1);
   cblas_dtrsv(CblasColMajor, CblasLower, CblasNoTrans, CblasNonUnit, mi, ws->H,
               mi, dl, 1);
-  cblas_dtrsv(CblasColMajor, CblasLower, CblasTrans, CblasNonUnit, mi, ws->H,
-              mi, dl, 1);
+  trsv_lower_trans(mi, ws->H, mi, dl);
 
   /* dz = -LQ^-T (t + MG dl), ds = -(rc + s o dl) / lambda. */
   cblas_dgemv(CblasColMajor, CblasNoTrans, ni, mi, 1.0, ws->MG, ni, dl, 1, 1.0,
               ws->tn, 1);
-  cblas_dtrsv(CblasColMajor, CblasLower, CblasTrans, CblasNonUnit, ni, ws->LQ,
-              ni, ws->tn, 1);
+  trsv_lower_trans(ni, ws->LQ, ni, ws->tn);
   for (size_t j = 0; j < n; j++)
     dz[j] = -ws->tn[j];
   for (size_t i = 0; i < m; i++)
@@ -527,7 +662,8 @@ static void newton(ipm_work *ws, const imp__qp_view *d, int refined)
     ws->dnu[i] += ws->cnu[i];
 }
 
-/* The longest step t <= 1 / STEP_FRACTION with v + t dv >= 0. */
+/* The longest step t <= 1 / STEP_FRACTION with v + t dv >= 0: enough for
+ * min(1, eta t) with any eta >= STEP_FRACTION. */
 static double max_step(size_t m, const double *v, const double *dv)
 {
   double t = 1.0 / STEP_FRACTION;
@@ -536,6 +672,29 @@ static double max_step(size_t m, const double *v, const double *dv)
     if (dv[i] < 0.0 && -v[i] > t * dv[i])
       t = -v[i] / dv[i];
   return t;
+}
+
+/*
+ * The fraction eta of the way to the boundary that a step goes, from the
+ * iterate's stopping measures: STEP_FRACTION at first, then 1 - r once
+ * the largest measure r falls below 1 - STEP_FRACTION, so that steps
+ * approach the boundary as fast as the iterate approaches the solution
+ * (eta_k -> 1, which makes the convergence superlinear: Nocedal and
+ * Wright, section 14.2).  1 - eta stays at least 0.1 tol / gap, so that
+ * the last step lands near a gap of 0.1 tol instead of orders of
+ * magnitude below it: weakly active or duplicated constraints (lambda_i
+ * and s_i both tending to 0) would be left so near the boundary that the
+ * backward's KKT Jacobian became numerically singular.  On the benchmark
+ * this took the mean from 7.73 to 7.56 iterations at tol 1e-7 and from
+ * 9.34 to 8.54 at 1e-10; on 600 random QPs, by 7 and 16%.
+ */
+static double step_fraction(const imp__qp_config *c, const ipm_result *res)
+{
+  double r = fmax(res->gap, fmax(res->primal, res->dual));
+
+  if (res->gap > 0.0)
+    r = fmax(r, 0.1 * c->tol / res->gap);
+  return 1.0 - fmin(1.0 - STEP_FRACTION, r);
 }
 
 /*
@@ -549,24 +708,26 @@ static void residuals(ipm_work *ws, const imp__qp_view *d, ipm_result *res)
   int ni = (int)n, mi = (int)m, pi = (int)p;
   double gap = 0.0, dual_scale, primal_scale;
 
-  /* rd = Qs z + p + G^T lambda + A^T nu. */
+  /* rd = Qs z + p + G^T lambda + A^T nu, keeping gl = G^T lambda +
+   * A^T nu for the certificate, which must not take it from rd - Qs z - p:
+   * that difference cancels to rounding where the duals are small. */
   cblas_dgemv(CblasRowMajor, CblasNoTrans, ni, ni, 1.0, ws->Qs, ni, ws->z, 1,
               0.0, ws->Qz, 1);
   dual_scale = fmax(norm_inf(n, ws->Qz), ws->norm_p);
-  for (size_t j = 0; j < n; j++)
-    ws->rd[j] = ws->Qz[j] + d->p[j];
+  memset(ws->gl, 0, n * sizeof(double));
   if (m > 0) {
     cblas_dgemv(CblasRowMajor, CblasTrans, mi, ni, 1.0, d->G, ni, ws->lam, 1,
-                0.0, ws->tn, 1);
-    dual_scale = fmax(dual_scale, norm_inf(n, ws->tn));
-    cblas_daxpy(ni, 1.0, ws->tn, 1, ws->rd, 1);
+                0.0, ws->gl, 1);
+    dual_scale = fmax(dual_scale, norm_inf(n, ws->gl));
   }
   if (p > 0) {
     cblas_dgemv(CblasRowMajor, CblasTrans, pi, ni, 1.0, d->A, ni, ws->nu, 1,
                 0.0, ws->tn, 1);
     dual_scale = fmax(dual_scale, norm_inf(n, ws->tn));
-    cblas_daxpy(ni, 1.0, ws->tn, 1, ws->rd, 1);
+    cblas_daxpy(ni, 1.0, ws->tn, 1, ws->gl, 1);
   }
+  for (size_t j = 0; j < n; j++)
+    ws->rd[j] = ws->Qz[j] + d->p[j] + ws->gl[j];
 
   /* req = A z - b, rin = G z + s - h. */
   primal_scale = ws->norm_bh;
@@ -594,6 +755,19 @@ static void residuals(ipm_work *ws, const imp__qp_view *d, ipm_result *res)
   res->gap = gap / (1.0 + fabs(res->objective));
 }
 
+/* The failure for duals that certify infeasibility: t = -(h^T lambda +
+ * b^T nu) > 0 and rn = |G^T lambda + A^T nu|_inf. */
+static int infeasible(size_t k, double t, double rn, const ipm_result *res)
+{
+  return imp__fail(IMP_EINFEASIBLE,
+                   "qp (sample %zu) is infeasible: the duals "
+                   "certify that no feasible z has |z|_1 < %.3g "
+                   "(|G'lambda + A'nu|_inf = %.3g, -(h'lambda + b'nu) = "
+                   "%.3g); primal residual %.3g after %zu iterations",
+                   k, rn > 0.0 ? t / rn : INFINITY, rn, t, res->primal,
+                   res->iterations);
+}
+
 /*
  * The certificates of imp/qp.h, from the current iterate: the duals may
  * prove that nothing within the radius is feasible, or z may have run off
@@ -606,19 +780,11 @@ static int certify(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
   double radius = c->radius * ws->length, t, rn, zn;
 
   /* Infeasibility: t = -(h^T lambda + b^T nu) against G^T lambda + A^T nu,
-   * which is rd - Qs z - p. */
+   * kept by residuals. */
   t = -imp__dot(m, d->h, ws->lam) - imp__dot(p, d->b, ws->nu);
-  for (size_t j = 0; j < n; j++)
-    ws->tn[j] = ws->rd[j] - ws->Qz[j] - d->p[j];
-  rn = norm_inf(n, ws->tn);
+  rn = norm_inf(n, ws->gl);
   if (t > 0.0 && radius * rn < t)
-    return imp__fail(IMP_EINFEASIBLE,
-                     "qp (sample %zu) is infeasible: the duals "
-                     "certify that no feasible z has |z|_1 < %.3g "
-                     "(|G'lambda + A'nu|_inf = %.3g, -(h'lambda + b'nu) = "
-                     "%.3g); primal residual %.3g after %zu iterations",
-                     k, rn > 0.0 ? t / rn : INFINITY, rn, t, res->primal,
-                     res->iterations);
+    return infeasible(k, t, rn, res);
 
   /* Unboundedness: d = z / |z|_inf with A z = req + b, G z = rin + h - s. */
   zn = norm_inf(n, ws->z);
@@ -630,8 +796,12 @@ static int certify(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
       ad = fmax(ad, fabs(ws->req[i] + d->b[i]) / zn);
     for (size_t i = 0; i < m; i++)
       gd = fmax(gd, (ws->rin[i] + d->h[i] - ws->s[i]) / zn);
-    if (pd < -DIRECTION_TOL * ws->norm_p && qd <= DIRECTION_TOL * ws->norm_Q &&
-        ad <= DIRECTION_TOL * ws->norm_A && gd <= DIRECTION_TOL * ws->norm_G)
+    /* The matrices' scales are needed only here, so they are measured
+     * here, once z has grown past the radius. */
+    if (pd < -DIRECTION_TOL * ws->norm_p &&
+        qd <= DIRECTION_TOL * norm_inf(n * n, ws->Qs) &&
+        ad <= DIRECTION_TOL * norm_inf(p * n, d->A) &&
+        gd <= DIRECTION_TOL * norm_inf(m * n, d->G))
       return imp__fail(IMP_EUNBOUNDED,
                        "qp (sample %zu) is unbounded below: "
                        "|z|_inf = %.3g and along d = z / |z|_inf, p'd = %.3g, "
@@ -744,15 +914,39 @@ done:
 }
 
 /*
+ * The interior point of both starts, from the W = I solution, in which
+ * s0 = -lambda0: s = lambda = |lambda0| + max(1, mean |lambda0|), entry by
+ * entry.  Both are positive, each entry moved by at most
+ * 2 |lambda0_i| plus the shift, and their ratio W = I is the one the
+ * start just factored, so the first iteration reuses its factors.
+ * Shifting s and lambda by separate constants instead leaves W != I and
+ * costs one more factorization, for as many iterations or more (7.80
+ * against 7.73 on average on the benchmark at tol 1e-7, 9.41 against
+ * 9.34 at 1e-10, with the step fraction held at 0.99).
+ */
+static void start_point(ipm_work *ws, const double *lam0)
+{
+  size_t m = ws->m;
+  double shift = 0.0;
+
+  for (size_t i = 0; i < m; i++)
+    shift += fabs(lam0[i]);
+  shift = fmax(1.0, m > 0 ? shift / (double)m : 0.0);
+  for (size_t i = 0; i < m; i++)
+    ws->s[i] = ws->lam[i] = fabs(lam0[i]) + shift;
+  ws->factored = 1;
+}
+
+/*
  * The start point: minimize 1/2 z^T Q z + p^T z + 1/2 |G z - h|^2 subject
  * to A z = b.  That is the Newton direction at z = 0, s = lambda = 1 with
  * the residuals rd = p, req = -b, rin = -h and rc = 0, which gives z, nu,
- * s = h - G z and lambda = G z - h; then s and lambda are shifted inside.
+ * s = h - G z and lambda = G z - h; then start_point moves s and lambda
+ * inside.
  */
 static int start(ipm_work *ws, const imp__qp_view *d, size_t k)
 {
   size_t n = ws->n, m = ws->m, p = ws->p;
-  double shift_s = 0.0, shift_l = 0.0;
 
   for (size_t i = 0; i < m; i++) {
     ws->w[i] = ws->s[i] = ws->lam[i] = 1.0;
@@ -765,15 +959,277 @@ static int start(ipm_work *ws, const imp__qp_view *d, size_t k)
   IMP__TRY(factor(ws, d, k));
   direction(ws, d, ws->rd, ws->req, ws->rin, ws->rc, ws->z, ws->ds, ws->dlam,
             ws->nu);
+  start_point(ws, ws->dlam);
+  return IMP_OK;
+}
 
+/*
+ * The iteration on the dual system, without z.  Every Newton step of the
+ * KKT conditions solves their first row exactly, so the dual residual
+ * rd = Qs z + p + G^T lambda only shrinks, rd = theta rd0 with
+ * theta = prod (1 - alpha) over the steps taken, and z is a function of
+ * lambda and theta:
+ *
+ *     z = -Q^-1 (p + G^T lambda - theta rd0) = -LQ^-T yl,
+ *     yl = u + MG lambda - theta v0,   u = LQ^-1 p,   v0 = LQ^-1 rd0.
+ *
+ * With w0 = MG^T v0 = G Q^-1 rd0, all the iteration needs comes from yl:
+ * G z = -MG^T yl, so rin = (s - h) - MG^T yl; the right side of
+ * direction_dual is rq - rc / lambda with rq = rin - theta w0; and the
+ * objective is f = 1/2 |yl|^2 - u^T yl.  An iteration thus forms neither z
+ * nor any product with Q or G: two products with MG, the factorization of
+ * H and two pairs of triangular solves with it.  z is formed once, at the
+ * end, and the KKT residuals are then computed from it and the data as
+ * everywhere else.
+ *
+ * In exact arithmetic the iterates are those of the full iteration.  In
+ * rounding the order of the sums matters: p + G^T lambda cancels to about
+ * Q z, and summed first (in yl), its rounding stays in the range of G,
+ * where C is definite, instead of entering rin on its own.  rin is then as
+ * accurate as G z + s - h even where C is singular and diag(s / lambda)
+ * small (duals that are not unique, as in test_dual_degenerate), while
+ * s - C lambda - q, the same number in exact arithmetic, would carry the
+ * rounding of C lambda ~ G Q^-1 p into the null space of C.
+ *
+ * The step is not refined here, unlike on the primal system, where the
+ * wide range of W enters Q + G^T W G through products with G.  Here it
+ * only adds to H's diagonal, and one round of refinement (a product with
+ * C and two more solves per step) changed neither the iteration counts
+ * nor the solutions, in the tests and on 600 random QPs (duplicated rows,
+ * rows scaled over six orders of magnitude, Q near singular) at
+ * tolerances from 1e-7 to 1e-13.
+ */
+
+/* z = -LQ^-T yl, for the yl of the last dual_residuals. */
+static void dual_z(ipm_work *ws)
+{
+  memcpy(ws->z, ws->yl, ws->n * sizeof(double));
+  trsv_lower_trans((int)ws->n, ws->LQ, (int)ws->n, ws->z);
+  for (size_t j = 0; j < ws->n; j++)
+    ws->z[j] = -ws->z[j];
+}
+
+/* The step for the complementarity target rc, with H factored:
+ * dl = H^-1 (rq - rc / lambda), ds = -(rc + s o dl) / lambda, the
+ * divisions by lambda as products with rl = 1 / lambda. */
+static void dual_step(ipm_work *ws, const double *rc, double *ds, double *dl)
+{
+  size_t m = ws->m;
+  int mi = (int)m;
+
+  for (size_t i = 0; i < m; i++)
+    dl[i] = ws->rq[i] - rc[i] * ws->rl[i];
+  cblas_dtrsv(CblasColMajor, CblasLower, CblasNoTrans, CblasNonUnit, mi, ws->H,
+              mi, dl, 1);
+  trsv_lower_trans(mi, ws->H, mi, dl);
+  for (size_t i = 0; i < m; i++)
+    ds[i] = -(rc[i] + ws->s[i] * dl[i]) * ws->rl[i];
+}
+
+/* yl, rin, rq and the stopping measures of the iterate, as above.  The
+ * dual residual's scale is taken as |p| alone, which can only overstate
+ * it. */
+static void dual_residuals(ipm_work *ws, const imp__qp_view *d, ipm_result *res)
+{
+  size_t n = ws->n, m = ws->m;
+  int ni = (int)n, mi = (int)m;
+  double gap = 0.0;
+
+  for (size_t j = 0; j < n; j++)
+    ws->yl[j] = ws->u[j] - ws->theta * ws->v0[j];
+  cblas_dgemv(CblasColMajor, CblasNoTrans, ni, mi, 1.0, ws->MG, ni, ws->lam, 1,
+              1.0, ws->yl, 1);
+  cblas_dgemv(CblasColMajor, CblasTrans, ni, mi, 1.0, ws->MG, ni, ws->yl, 1,
+              0.0, ws->gq, 1);
   for (size_t i = 0; i < m; i++) {
-    shift_s = fmax(shift_s, -ws->ds[i]);
-    shift_l = fmax(shift_l, -ws->dlam[i]);
+    ws->rin[i] = (ws->s[i] - d->h[i]) - ws->gq[i];
+    ws->rq[i] = ws->rin[i] - ws->theta * ws->w0[i];
+    gap += ws->s[i] * ws->lam[i];
   }
+  res->objective =
+      0.5 * imp__dot(n, ws->yl, ws->yl) - imp__dot(n, ws->u, ws->yl);
+  res->primal =
+      norm_inf(m, ws->rin) / (1.0 + fmax(ws->norm_bh, norm_inf(m, ws->gq)));
+  res->dual = ws->theta * ws->rd0 / (1.0 + ws->norm_p);
+  res->gap = gap / (1.0 + fabs(res->objective));
+}
+
+/*
+ * The infeasibility certificate of certify, on the dual iterate.  It needs
+ * |G^T lambda|_inf, a product with G that an iteration otherwise does
+ * without, so a bound rules it out first: for any x,
+ * |G^T lambda|_inf >= |(G x)^T lambda| / |x|_1, and x0 = Q^-1 p has
+ * G x0 = g0 = MG^T u at hand.  Where radius times that bound is at least
+ * 2 t, with t = -h^T lambda, no certificate can hold.  Along a ray that
+ * certifies infeasibility G^T lambda stays bounded while t grows, and
+ * g0^T lambda = x0^T G^T lambda stays bounded with it, so there the bound
+ * fails and G^T lambda is formed.  The QP cannot be unbounded, Q being
+ * definite.
+ */
+static int dual_certify(ipm_work *ws, const imp__qp_view *d,
+                        const imp__qp_config *c, size_t k,
+                        const ipm_result *res)
+{
+  int ni = (int)ws->n, mi = (int)ws->m;
+  double t = -imp__dot(ws->m, d->h, ws->lam), radius, rn;
+
+  if (!(t > 0.0))
+    return IMP_OK;
+  radius = c->radius * ws->length;
+  if (ws->x0_norm > 0.0 &&
+      radius * fabs(imp__dot(ws->m, ws->g0, ws->lam)) >= 2.0 * t * ws->x0_norm)
+    return IMP_OK;
+  cblas_dgemv(CblasRowMajor, CblasTrans, mi, ni, 1.0, d->G, ni, ws->lam, 1, 0.0,
+              ws->tn, 1);
+  rn = norm_inf(ws->n, ws->tn);
+  if (radius * rn < t)
+    return infeasible(k, t, rn, res);
+  return IMP_OK;
+}
+
+/*
+ * The start of start(), in these variables: (C + I) lambda0 =
+ * -(h + MG^T u) gives the W = I solution (z(lambda0), s0 = -lambda0,
+ * lambda0), and start_point moves s and lambda inside.  z stays where it
+ * was, so the dual residual is rd0 = G^T delta = LQ v0 with
+ * delta = lambda - lambda0 and v0 = MG delta, and theta = 1.  Also g0 and
+ * |Q^-1 p|_1 for dual_certify.  Returns non-zero if C + I cannot be
+ * factored.
+ */
+static int dual_start(ipm_work *ws, const imp__qp_view *d)
+{
+  size_t n = ws->n, m = ws->m;
+  int ni = (int)n, mi = (int)m;
+
+  /* u = LQ^-1 p, g0 = MG^T u = G Q^-1 p, and |Q^-1 p|_1 = |LQ^-T u|_1. */
+  memcpy(ws->u, d->p, n * sizeof(double));
+  cblas_dtrsv(CblasColMajor, CblasLower, CblasNoTrans, CblasNonUnit, ni, ws->LQ,
+              ni, ws->u, 1);
+  cblas_dgemv(CblasColMajor, CblasTrans, ni, mi, 1.0, ws->MG, ni, ws->u, 1, 0.0,
+              ws->g0, 1);
+  memcpy(ws->tn, ws->u, n * sizeof(double));
+  trsv_lower_trans(ni, ws->LQ, ni, ws->tn);
+  ws->x0_norm = cblas_dasum(ni, ws->tn, 1);
+
+  /* The W = I solution, and the interior point. */
   for (size_t i = 0; i < m; i++) {
-    ws->s[i] = ws->ds[i] + 1.0 + shift_s;
-    ws->lam[i] = ws->dlam[i] + 1.0 + shift_l;
+    ws->dlam[i] = -d->h[i] - ws->g0[i];
+    ws->w[i] = 1.0;
   }
+  if (factor_dual(ws) != 0)
+    return 1;
+  cblas_dtrsv(CblasColMajor, CblasLower, CblasNoTrans, CblasNonUnit, mi, ws->H,
+              mi, ws->dlam, 1);
+  trsv_lower_trans(mi, ws->H, mi, ws->dlam);
+  start_point(ws, ws->dlam);
+
+  /* The dual residual the move of lambda leaves. */
+  for (size_t i = 0; i < m; i++)
+    ws->tm[i] = ws->lam[i] - ws->dlam[i];
+  cblas_dgemv(CblasColMajor, CblasNoTrans, ni, mi, 1.0, ws->MG, ni, ws->tm, 1,
+              0.0, ws->v0, 1);
+  cblas_dgemv(CblasColMajor, CblasTrans, ni, mi, 1.0, ws->MG, ni, ws->v0, 1,
+              0.0, ws->w0, 1);
+  memcpy(ws->tn, ws->v0, n * sizeof(double));
+  cblas_dtrmv(CblasColMajor, CblasLower, CblasNoTrans, CblasNonUnit, ni, ws->LQ,
+              ni, ws->tn, 1);
+  ws->rd0 = norm_inf(n, ws->tn);
+  ws->theta = 1.0;
+  return 0;
+}
+
+/*
+ * The iteration of ipm on the dual QP, from dual_start.  It ends with z
+ * formed and the KKT residuals from the data in ws and res; *done is 1 if
+ * those meet the tolerance.  Otherwise ipm goes on from that iterate with
+ * the full iteration: on the primal system where H stopped being
+ * numerically definite (ws->dual is then 0), else on the dual one (where
+ * the residuals of the formed z missed the tolerance, the iteration
+ * stalled, or max_iter was reached, which ipm then reports).
+ */
+static int ipm_dual(ipm_work *ws, const imp__qp_view *d,
+                    const imp__qp_config *c, size_t k, ipm_result *res,
+                    int *done)
+{
+  size_t m = ws->m, stalled = 0;
+  double best = INFINITY;
+
+  *done = 0;
+  if (dual_start(ws, d) != 0) {
+    ws->dual = 0;
+    return start(ws, d, k);
+  }
+
+  for (;;) {
+    double alpha, mu, mu_aff, sigma, merit;
+
+    /* Test the iterate, as ipm does. */
+    dual_residuals(ws, d, res);
+    if (res->primal <= c->tol && res->dual <= c->tol && res->gap <= c->tol)
+      break;
+    IMP__TRY(dual_certify(ws, d, c, k, res));
+    if (res->iterations >= c->max_iter)
+      break;
+    merit = fmax(res->primal, res->dual);
+    stalled = merit < 0.5 * best || res->gap > c->tol ? 0 : stalled + 1;
+    best = fmin(best, merit);
+    if (stalled >= STALL_LIMIT)
+      break;
+
+    /* Factor at W = diag(lambda / s), unless the start did; the primal
+     * system takes over where H is not numerically definite. */
+    for (size_t i = 0; i < m; i++) {
+      ws->w[i] = ws->lam[i] / ws->s[i];
+      ws->rl[i] = 1.0 / ws->lam[i];
+    }
+    if (ws->factored)
+      ws->factored = 0;
+    else if (factor_dual(ws) != 0) {
+      ws->dual = 0;
+      break;
+    }
+
+    /* Predictor and corrector, as in ipm. */
+    for (size_t i = 0; i < m; i++)
+      ws->rc[i] = ws->s[i] * ws->lam[i];
+    dual_step(ws, ws->rc, ws->ds, ws->dlam);
+    alpha = fmin(
+        1.0, fmin(max_step(m, ws->s, ws->ds), max_step(m, ws->lam, ws->dlam)));
+    mu = imp__dot(m, ws->s, ws->lam) / (double)m;
+    mu_aff = 0.0;
+    for (size_t i = 0; i < m; i++)
+      mu_aff +=
+          (ws->s[i] + alpha * ws->ds[i]) * (ws->lam[i] + alpha * ws->dlam[i]);
+    mu_aff /= (double)m;
+    sigma = mu > 0.0 ? pow(mu_aff / mu, 3.0) : 0.0;
+    for (size_t i = 0; i < m; i++)
+      ws->rc[i] = ws->s[i] * ws->lam[i] + ws->ds[i] * ws->dlam[i] - sigma * mu;
+    dual_step(ws, ws->rc, ws->ds, ws->dlam);
+    alpha =
+        fmin(1.0, step_fraction(c, res) * fmin(max_step(m, ws->s, ws->ds),
+                                               max_step(m, ws->lam, ws->dlam)));
+
+    /* Step. */
+    for (size_t i = 0; i < m; i++) {
+      ws->s[i] += alpha * ws->ds[i];
+      ws->lam[i] += alpha * ws->dlam[i];
+    }
+    ws->theta *= 1.0 - alpha;
+    res->iterations++;
+    if (!imp__all_finite(ws->lam, m) || !imp__all_finite(ws->s, m))
+      return imp__fail(IMP_ENONFINITE,
+                       "qp (sample %zu): the iterate became "
+                       "NaN or Inf after %zu iterations",
+                       k, res->iterations);
+  }
+
+  /* z, and the KKT residuals from it and the data; the full iteration, if
+   * it follows, factors afresh. */
+  dual_z(ws);
+  residuals(ws, d, res);
+  ws->factored = 0;
+  *done = ws->dual && res->primal <= c->tol && res->dual <= c->tol &&
+          res->gap <= c->tol;
   return IMP_OK;
 }
 
@@ -787,9 +1243,13 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
 
   memset(res, 0, sizeof *res);
   measure_data(ws, d);
-  IMP__TRY(start(ws, d, k));
+  ws->factored = 0;
+  if (ws->dual)
+    IMP__TRY(ipm_dual(ws, d, c, k, res, &converged));
+  else
+    IMP__TRY(start(ws, d, k));
 
-  for (;;) {
+  while (!converged) {
     double alpha, mu, mu_aff, sigma, merit;
     int refined;
 
@@ -812,10 +1272,13 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
     if (stalled >= STALL_LIMIT)
       break;
 
-    /* Factor at W = diag(lambda / s). */
+    /* Factor at W = diag(lambda / s), unless the start did. */
     for (size_t i = 0; i < m; i++)
       ws->w[i] = ws->lam[i] / ws->s[i];
-    IMP__TRY(factor(ws, d, k));
+    if (ws->factored)
+      ws->factored = 0;
+    else
+      IMP__TRY(factor(ws, d, k));
 
     /* Predictor: the affine step, aiming at s o lambda = 0.  Only the step
      * taken is refined: without inequalities, this one. */
@@ -842,8 +1305,9 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
                     sigma * mu;
       newton(ws, d, refined);
     }
-    alpha = fmin(1.0, STEP_FRACTION * fmin(max_step(m, ws->s, ws->ds),
-                                           max_step(m, ws->lam, ws->dlam)));
+    alpha =
+        fmin(1.0, step_fraction(c, res) * fmin(max_step(m, ws->s, ws->ds),
+                                               max_step(m, ws->lam, ws->dlam)));
 
     /* Step. */
     cblas_daxpy((int)n, alpha, ws->dz, 1, ws->z, 1);
@@ -879,15 +1343,24 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
   return IMP_OK;
 }
 
-/* 1 if the n x n matrix a equals its transpose, compared in tiles. */
-static int symmetric(const double *a, size_t n)
+/* 1 if the n x n matrix a equals its transpose, compared in tiles.  On
+ * the way its lower triangle (column-major, the same numbers where a is
+ * symmetric) is copied to lower, which saves the convexity check's
+ * factorization a pass of its own over Q. */
+static int symmetric_copy(const double *a, size_t n, double *lower)
 {
   for (size_t i0 = 0; i0 < n; i0 += 16)
     for (size_t j0 = 0; j0 <= i0; j0 += 16)
       for (size_t i = i0; i < i0 + 16 && i < n; i++)
-        for (size_t j = j0; j < j0 + 16 && j < i; j++)
-          if (a[i * n + j] != a[j * n + i])
+        for (size_t j = j0; j < j0 + 16 && j < i; j++) {
+          const double v = a[j * n + i];
+
+          if (a[i * n + j] != v)
             return 0;
+          lower[j * n + i] = v;
+        }
+  for (size_t i = 0; i < n; i++)
+    lower[i * n + i] = a[i * n + i];
   return 1;
 }
 
@@ -900,8 +1373,9 @@ static int prepare(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
   size_t n = ws->n, p = ws->p;
   double qn, an;
 
-  /* Qs = (Q + Q^T) / 2, in tiles of 16 x 16 for the transposed reads. */
-  if (symmetric(d->Q, n))
+  /* Qs = (Q + Q^T) / 2, in tiles of 16 x 16 for the transposed reads, and
+   * its lower triangle in LQ for the convexity check. */
+  if (symmetric_copy(d->Q, n, ws->LQ))
     ws->Qs = d->Q;
   else {
     for (size_t i0 = 0; i0 < n; i0 += 16)
@@ -910,6 +1384,7 @@ static int prepare(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
           for (size_t j = j0; j < j0 + 16 && j < n; j++)
             ws->Qs_buf[i * n + j] = 0.5 * (d->Q[i * n + j] + d->Q[j * n + i]);
     ws->Qs = ws->Qs_buf;
+    memcpy(ws->LQ, ws->Qs, n * n * sizeof(double));
   }
   IMP__TRY(check_convexity(ws, c, k));
 
