@@ -13,6 +13,7 @@
  * gamma < 1, so a sup-norm contraction on every maze size.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,7 +58,7 @@ typedef struct options {
   const char *model, *out, *svg, *file, *backward, *solver, *sizes, *map;
   size_t size, count, count_large, steps, batch, max_iter, log_every;
   size_t ckpt_every, train_iter, channels, hidden, count_random;
-  size_t count_random_large;
+  size_t count_random_large, jobs;
   double minutes, lr, rtol, rtol_random, gamma;
   uint64_t seed;
   int solution, fresh, sources;
@@ -109,6 +110,8 @@ static int parse_options(int argc, char **argv, options *o, int want_file)
       o->count_random = strtoul(v, NULL, 10);
     else if (OPT("--count-random-large"))
       o->count_random_large = strtoul(v, NULL, 10);
+    else if (OPT("--jobs"))
+      o->jobs = strtoul(v, NULL, 10);
     else if (OPT("--count-large"))
       o->count_large = strtoul(v, NULL, 10);
     else if (OPT("--seed"))
@@ -697,13 +700,151 @@ static void svg_curves(const char *dir, const size_t *sizes, size_t ns,
   fclose(f);
 }
 
+/* What one evaluation worker adds up over its share of one size. */
+typedef struct eval_sums {
+  size_t correct, itmax, same, unsettled;
+  double itsum, itsum_r, resmax, zdiff;
+  curve cv;
+} eval_sums;
+
+/* One worker: its own models (their scratch is not shared), and the
+ * size it works on.  Every worker draws every maze and random start, so
+ * that its generators stay in step with the serial order, and solves the
+ * mazes i with i % jobs == id. */
+typedef struct eval_worker {
+  const options *o;
+  maze_model *model, *model_r;
+  size_t id, jobs, size, count, nrandom, ncurve;
+  eval_sums sums;
+  int rc;
+  const char *what;
+  pthread_t thread;
+} eval_worker;
+
+static int eval_share(eval_worker *ew)
+{
+  const options *o = ew->o;
+  maze_model_config cfg = maze_model_get_config(ew->model);
+  size_t cells = maze_cells_for_size(ew->size);
+  eval_sums *e = &ew->sums;
+  imp_rng rng, init_rng;
+  int rc = IMP_OK;
+
+  imp_rng_seed(&rng, EVAL_SEED + ew->size);
+  imp_rng_seed(&init_rng, EVAL_SEED + 1000003 * ew->size);
+  for (size_t i = 0; i < ew->count && rc == IMP_OK; i++) {
+    maze m;
+    imp_deq_stats st;
+    if (maze_generate(cells, &rng, &m) != 0) {
+      ew->what = "generator";
+      return IMP_ENOMEM;
+    }
+    size_t hw = m.h * m.w, nz = cfg.channels * hw;
+    double *x = malloc(3 * hw * sizeof *x), *z0 = malloc(nz * sizeof *z0);
+    double *zstar = malloc(nz * sizeof *zstar);
+    unsigned char *path = malloc(hw), *path2 = malloc(hw);
+    imp_shape zs;
+    int mine = i % ew->jobs == ew->id;
+
+    if (!x || !z0 || !zstar || !path || !path2) {
+      ew->what = "memory";
+      rc = IMP_ENOMEM;
+    }
+    if (rc == IMP_OK && i < ew->nrandom)
+      imp_rng_fill_uniform(&init_rng, z0, nz, 0.0, 10.0);
+
+    /* From zero. */
+    if (rc == IMP_OK && mine) {
+      ew->what = "solve";
+      rc = solve_one(ew->model, &m, x, path, &st);
+    }
+    if (rc == IMP_OK && mine) {
+      e->correct += (size_t)exact(&m, path);
+      e->itsum += (double)st.iterations;
+      if (st.iterations > e->itmax)
+        e->itmax = st.iterations;
+      memcpy(zstar, maze_model_state(ew->model, &zs), nz * sizeof *zstar);
+      double res = residual(ew->model, &m, x, zstar);
+      if (!(res <= e->resmax))
+        e->resmax = res;
+      e->unsettled += st.forward_status != IMP_OK;
+    }
+
+    /* From a random state with entries uniform on [0, 10), for the
+     * first nrandom mazes: a contraction forgets its start at the rate
+     * gamma per iteration, so these solves are the slow ones. */
+    if (rc == IMP_OK && mine && i < ew->nrandom) {
+      imp_shape z0s = {1, cfg.channels, m.h, m.w};
+      imp_deq_stats st2;
+      ew->what = "solve from a random state";
+      rc = imp_deq_set_initial(maze_model_deq(ew->model_r), &z0s, z0);
+      if (rc == IMP_OK)
+        rc = solve_one(ew->model_r, &m, x, path2, &st2);
+      if (rc == IMP_OK) {
+        const double *z2 = maze_model_state(ew->model_r, &zs);
+        double zmax = 0.0, dmax = 0.0;
+        for (size_t k = 0; k < nz; k++) {
+          if (fabs(zstar[k]) > zmax)
+            zmax = fabs(zstar[k]);
+          if (fabs(zstar[k] - z2[k]) > dmax)
+            dmax = fabs(zstar[k] - z2[k]);
+        }
+        if (zmax > 0 && dmax / zmax > e->zdiff)
+          e->zdiff = dmax / zmax;
+        e->same += memcmp(path, path2, hw) == 0;
+        e->itsum_r += (double)st2.iterations;
+        e->unsettled += st2.forward_status != IMP_OK;
+      }
+    }
+
+    if (rc == IMP_OK && mine && i < ew->ncurve) {
+      ew->what = "accuracy curve";
+      rc = curve_add(ew->model, &m, x, &e->cv);
+    }
+    if (rc == IMP_OK && mine && i == 0 && o->svg != NULL) {
+      char file[1024];
+      FILE *svg;
+      snprintf(file, sizeof file, "%s/maze_%zu.svg", o->svg, ew->size);
+      svg = fopen(file, "w");
+      if (svg != NULL) {
+        double cell = 600.0 / (double)m.w;
+        fprintf(svg,
+                "<svg xmlns='http://www.w3.org/2000/svg' width='620' "
+                "height='640' font-family='sans-serif' font-size='12'>\n"
+                "<rect width='100%%' height='100%%' fill='white'/>\n"
+                "<text x='10' y='15'>%zux%zu: blue predicted path, red "
+                "missed, orange extra; %s, %zu iterations</text>\n",
+                ew->size, ew->size, exact(&m, path) ? "exact" : "wrong",
+                st.iterations);
+        svg_maze(svg, &m, path, 10, 30, cell);
+        fprintf(svg, "</svg>\n");
+        fclose(svg);
+      }
+    }
+    free(x);
+    free(z0);
+    free(zstar);
+    free(path);
+    free(path2);
+    maze_free(&m);
+  }
+  return rc;
+}
+
+static void *eval_thread(void *arg)
+{
+  eval_worker *ew = arg;
+  ew->rc = eval_share(ew);
+  return NULL;
+}
+
 static int cmd_eval(const options *o)
 {
-  size_t sizes[8], ns = 0;
+  size_t sizes[8], ns = 0, jobs = o->jobs > 0 ? o->jobs : 1;
   const char *s = o->sizes;
-  maze_model *model = NULL, *model_r = NULL;
+  eval_worker *ew;
   curve cv[8];
-  int rc;
+  int rc = IMP_OK;
 
   while (*s != '\0' && ns < 8) {
     char *end;
@@ -717,18 +858,34 @@ static int cmd_eval(const options *o)
     if (end == s && *s != '\0')
       break;
   }
+  if (jobs > 64) {
+    fprintf(stderr, "imp-maze: --jobs must be between 1 and 64\n");
+    return 2;
+  }
+  ew = calloc(jobs, sizeof *ew);
+  if (ew == NULL)
+    return die("memory", IMP_ENOMEM);
+
   /* The random starts stop at the tighter rtol_random: from a start above
    * the fixed point the residual is only (1 - gamma) times the distance
    * left, and at the far end of a large maze a distance of 1e-6 of the
    * largest value is enough to flip a neighbour ratio the head reads. */
   options o_random = *o;
   o_random.rtol = o->rtol_random;
-  rc = load_model(o, 0, &model);
-  if (rc == IMP_OK)
-    rc = load_model(&o_random, 1, &model_r);
-  if (rc != IMP_OK)
+  for (size_t t = 0; t < jobs && rc == IMP_OK; t++) {
+    rc = load_model(o, 0, &ew[t].model);
+    if (rc == IMP_OK)
+      rc = load_model(&o_random, 1, &ew[t].model_r);
+  }
+  if (rc != IMP_OK) {
+    for (size_t t = 0; t < jobs; t++) {
+      maze_model_free(ew[t].model);
+      maze_model_free(ew[t].model_r);
+    }
+    free(ew);
     return die(o->model, rc);
-  maze_model_config cfg = maze_model_get_config(model);
+  }
+  maze_model_config cfg = maze_model_get_config(ew[0].model);
 
   printf("model %s (%s map): C = %zu, hidden %zu, gamma %g; solver %s, "
          "rtol %g (random starts %g)\n\n",
@@ -739,133 +896,102 @@ static int cmd_eval(const options *o)
          "| seconds |\n");
   printf("|---|---|---|---|---|---|---|---|\n");
   fflush(stdout);
-  for (size_t si = 0; si < ns; si++) {
+  for (size_t si = 0; si < ns && rc == IMP_OK; si++) {
     size_t cells = maze_cells_for_size(sizes[si]);
     size_t count = sizes[si] > 100 ? o->count_large : o->count;
-    size_t correct = 0, itmax = 0, same = 0, ncurve, unsettled = 0;
     size_t nrandom = sizes[si] > 100 ? o->count_random_large : o->count_random;
-    if (nrandom > count)
-      nrandom = count;
-    double itsum = 0.0, itsum_r = 0.0, resmax = 0.0, zdiff = 0.0, t0 = now();
-    imp_rng rng, init_rng;
-    FILE *svg = NULL;
-
-    imp_rng_seed(&rng, EVAL_SEED + sizes[si]);
-    imp_rng_seed(&init_rng, EVAL_SEED + 1000003 * sizes[si]);
     /* The accuracy curve re-runs plain iterations up to half the pixel
      * count (20 604 at 201x201), so large sizes draw it from fewer mazes. */
-    ncurve = sizes[si] > 100 ? CURVE_LARGE : CURVE_SMALL;
-    if (ncurve > count)
-      ncurve = count;
+    size_t ncurve = sizes[si] > 100 ? CURVE_LARGE : CURVE_SMALL;
+    eval_sums tot = {0};
+    double t0 = now();
+
+    nrandom = nrandom < count ? nrandom : count;
+    ncurve = ncurve < count ? ncurve : count;
     curve_init(&cv[si], (size_t)(2 * cells + 1) * (2 * cells + 1) / 2);
-    if (o->svg != NULL) {
-      char path[1024];
-      snprintf(path, sizeof path, "%s/maze_%zu.svg", o->svg, sizes[si]);
-      svg = fopen(path, "w");
+    for (size_t t = 0; t < jobs; t++) {
+      eval_worker *w = &ew[t];
+      w->o = o;
+      w->id = t;
+      w->jobs = jobs;
+      w->size = sizes[si];
+      w->count = count;
+      w->nrandom = nrandom;
+      w->ncurve = ncurve;
+      w->rc = IMP_OK;
+      w->what = "";
+      memset(&w->sums, 0, sizeof w->sums);
+      w->sums.cv = cv[si];
     }
-    for (size_t i = 0; i < count; i++) {
-      maze m;
-      imp_deq_stats st;
-      if (maze_generate(cells, &rng, &m) != 0)
-        return die("generator", IMP_ENOMEM);
-      size_t hw = m.h * m.w, nz = cfg.channels * hw;
-      double *x = malloc(3 * hw * sizeof *x), *z0 = malloc(nz * sizeof *z0);
-      double *zstar = malloc(nz * sizeof *zstar);
-      unsigned char *path = malloc(hw), *path2 = malloc(hw);
-      imp_shape zs;
-      if (!x || !z0 || !zstar || !path || !path2)
-        return die("memory", IMP_ENOMEM);
-
-      /* From zero. */
-      rc = solve_one(model, &m, x, path, &st);
-      if (rc != IMP_OK)
-        return die("solve", rc);
-      correct += (size_t)exact(&m, path);
-      itsum += (double)st.iterations;
-      if (st.iterations > itmax)
-        itmax = st.iterations;
-      memcpy(zstar, maze_model_state(model, &zs), nz * sizeof *zstar);
-      double res = residual(model, &m, x, zstar);
-      if (!(res <= resmax))
-        resmax = res;
-
-      /* From a random state with entries uniform on [0, 10), for the
-       * first nrandom mazes: a contraction forgets its start at the rate
-       * gamma per iteration, so these solves are the slow ones. */
-      if (i < nrandom) {
-        imp_shape z0s = {1, cfg.channels, m.h, m.w};
-        imp_deq_stats st2;
-        imp_rng_fill_uniform(&init_rng, z0, nz, 0.0, 10.0);
-        rc = imp_deq_set_initial(maze_model_deq(model_r), &z0s, z0);
-        if (rc == IMP_OK)
-          rc = solve_one(model_r, &m, x, path2, &st2);
-        if (rc != IMP_OK)
-          return die("solve from a random state", rc);
-        const double *z2 = maze_model_state(model_r, &zs);
-        double zmax = 0.0, dmax = 0.0;
-        for (size_t k = 0; k < nz; k++) {
-          if (fabs(zstar[k]) > zmax)
-            zmax = fabs(zstar[k]);
-          if (fabs(zstar[k] - z2[k]) > dmax)
-            dmax = fabs(zstar[k] - z2[k]);
-        }
-        if (zmax > 0 && dmax / zmax > zdiff)
-          zdiff = dmax / zmax;
-        same += memcmp(path, path2, hw) == 0;
-        itsum_r += (double)st2.iterations;
-        unsettled += st2.forward_status != IMP_OK;
+    if (jobs == 1)
+      eval_thread(&ew[0]);
+    else {
+      size_t started = 0;
+      for (; started < jobs; started++)
+        if (pthread_create(&ew[started].thread, NULL, eval_thread,
+                           &ew[started]) != 0)
+          break;
+      for (size_t t = 0; t < started; t++)
+        pthread_join(ew[t].thread, NULL);
+      for (size_t t = started; t < jobs; t++) {
+        ew[t].rc = IMP_ENOMEM;
+        ew[t].what = "starting a thread";
       }
-      unsettled += st.forward_status != IMP_OK;
-
-      if (i < ncurve)
-        curve_add(model, &m, x, &cv[si]);
-      if (svg != NULL && i == 0) {
-        double cell = 600.0 / (double)m.w;
-        fprintf(svg,
-                "<svg xmlns='http://www.w3.org/2000/svg' width='620' "
-                "height='640' font-family='sans-serif' font-size='12'>\n"
-                "<rect width='100%%' height='100%%' fill='white'/>\n"
-                "<text x='10' y='15'>%zux%zu: blue predicted path, red "
-                "missed, orange extra; %s, %zu iterations</text>\n",
-                sizes[si], sizes[si], exact(&m, path) ? "exact" : "wrong",
-                st.iterations);
-        svg_maze(svg, &m, path, 10, 30, cell);
-        fprintf(svg, "</svg>\n");
-        fclose(svg);
-        svg = NULL;
-      }
-      free(x);
-      free(z0);
-      free(zstar);
-      free(path);
-      free(path2);
-      maze_free(&m);
     }
+
+    /* Sums, maxima and counts: the same for any number of jobs. */
+    for (size_t t = 0; t < jobs; t++) {
+      const eval_sums *e = &ew[t].sums;
+      if (ew[t].rc != IMP_OK && rc == IMP_OK) {
+        rc = ew[t].rc;
+        die(ew[t].what, rc);
+      }
+      tot.correct += e->correct;
+      tot.same += e->same;
+      tot.unsettled += e->unsettled;
+      tot.itsum += e->itsum;
+      tot.itsum_r += e->itsum_r;
+      tot.itmax = e->itmax > tot.itmax ? e->itmax : tot.itmax;
+      tot.resmax = fmax(tot.resmax, e->resmax);
+      tot.zdiff = fmax(tot.zdiff, e->zdiff);
+      for (size_t k = 0; k < cv[si].nk; k++)
+        cv[si].correct[k] += e->cv.correct[k];
+      cv[si].total += e->cv.total;
+    }
+    if (rc != IMP_OK)
+      break;
     printf("| %zux%zu | %zu | %.1f%% | %.0f / %zu | %.1e | %zu | "
            "%zu/%zu / %.1e / %.0f | %.0f |\n",
-           sizes[si], sizes[si], count, 100.0 * (double)correct / (double)count,
-           itsum / (double)count, itmax, resmax, unsettled, same, nrandom,
-           zdiff, nrandom > 0 ? itsum_r / (double)nrandom : 0.0, now() - t0);
+           sizes[si], sizes[si], count,
+           100.0 * (double)tot.correct / (double)count,
+           tot.itsum / (double)count, tot.itmax, tot.resmax, tot.unsettled,
+           tot.same, nrandom, tot.zdiff,
+           nrandom > 0 ? tot.itsum_r / (double)nrandom : 0.0, now() - t0);
     fflush(stdout);
   }
 
-  printf("\naccuracy against plain iterations from zero (first %d mazes, "
-         "%d above 100x100):\n",
-         CURVE_SMALL, CURVE_LARGE);
-  for (size_t si = 0; si < ns; si++) {
-    if (cv[si].total == 0)
-      continue;
-    printf("%zux%zu:", sizes[si], sizes[si]);
-    for (size_t i = 0; i < cv[si].nk; i++)
-      printf(" %zu:%.2f", cv[si].k[i],
-             (double)cv[si].correct[i] / (double)cv[si].total);
-    printf("\n");
+  if (rc == IMP_OK) {
+    printf("\naccuracy against plain iterations from zero (first %d mazes, "
+           "%d above 100x100):\n",
+           CURVE_SMALL, CURVE_LARGE);
+    for (size_t si = 0; si < ns; si++) {
+      if (cv[si].total == 0)
+        continue;
+      printf("%zux%zu:", sizes[si], sizes[si]);
+      for (size_t i = 0; i < cv[si].nk; i++)
+        printf(" %zu:%.2f", cv[si].k[i],
+               (double)cv[si].correct[i] / (double)cv[si].total);
+      printf("\n");
+    }
+    if (o->svg != NULL)
+      svg_curves(o->svg, sizes, ns, cv);
   }
-  if (o->svg != NULL)
-    svg_curves(o->svg, sizes, ns, cv);
-  maze_model_free(model);
-  maze_model_free(model_r);
-  return 0;
+  for (size_t t = 0; t < jobs; t++) {
+    maze_model_free(ew[t].model);
+    maze_model_free(ew[t].model_r);
+  }
+  free(ew);
+  return rc == IMP_OK ? 0 : 1;
 }
 
 /* ------------------------------------------------------------------ */
@@ -923,6 +1049,7 @@ static const char *help_eval =
     "  --count-random-large K   the same for sizes above 100 (20)\n"
     "  --svg DIR         write maze_accuracy.svg and maze_SIZE.svg there\n"
     "  --rtol-random R   residual test of the random starts (1e-13)\n"
+    "  --jobs J          solve on J threads (1); the output is the same\n"
     "  --model, --map, --rtol, --max-iter, --solver   as for solve\n";
 
 int main(int argc, char **argv)
