@@ -163,8 +163,11 @@ static void neighbour_max_values(size_t c, size_t h, size_t w,
     for (size_t i = 0; i < h; i++) {
       const double *oi = open + i * w, *zi = zc + i * w;
       double *row = pad + (i + 1) * pw + 1;
-      for (size_t j = 0; j < w; j++)
-        row[j] = oi[j] > 0.5 ? zi[j] : -INFINITY;
+      /* Both loads first, so that the selection needs no branch. */
+      for (size_t j = 0; j < w; j++) {
+        double v = zi[j], open_j = oi[j];
+        row[j] = open_j > 0.5 ? v : -INFINITY;
+      }
     }
     for (size_t i = 0; i < h; i++) {
       const double *up = pad + i * pw + 1, *mid = pad + (i + 1) * pw;
