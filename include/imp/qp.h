@@ -32,8 +32,7 @@
  *
  * by a Cholesky factorization of K = Q + G^T W G and, when there are
  * equality constraints, a second Cholesky factorization of the Schur
- * complement A K^-1 A^T (both recursive on BLAS dtrsm and dsyrk, the
- * factors LAPACK's dpotrf computes).  When Q is only semidefinite,
+ * complement A K^-1 A^T (both LAPACK dpotrf).  When Q is only semidefinite,
  * rho A^T A is added to K (exact, since A dz = r2 is imposed anyway),
  * which makes K definite whenever the minimizer is unique.  Where Q is
  * definite and there are no equalities, the same step can come from the

@@ -195,128 +195,25 @@ static double norm_inf(size_t n, const double *a)
   return r;
 }
 
-/* The order below which chol_lower factors without recursing. */
-#define CHOL_BASE 16
-
 /*
- * The Cholesky factorization a = L L^T of the n x n column-major matrix a
- * (leading dimension lda), lower triangle read and overwritten by L: what
- * LAPACK's dpotrf("L") does, by recursion on halves (Gustavson's
- * recursive Cholesky).  The leading n1 columns are factored, the block
- * below them becomes L21 = A21 L11^-T (dtrsm), the trailing block is
- * updated by A22 - L21 L21^T (dsyrk) and factored in turn.  At the orders
- * of these QPs (tens to a few hundred) nearly all the work falls in those
- * two level-3 calls, where OpenBLAS's dpotrf spends much of its time in
- * an unblocked panel; at n = 100 this ran 10 to 15% faster.  The split is
- * rounded to a multiple of 8, which suits the BLAS kernels' blocking.
- * Returns 0, or j > 0 if the leading minor of order j is not positive
- * definite (a pivot is not positive, or NaN), as dpotrf's info.
+ * The Cholesky factorization a = L L^T (LAPACK dpotrf, lower) of the
+ * n x n column-major matrix a with leading dimension lda.  Returns 0, or
+ * j > 0 if the leading minor of order j is not positive definite.
  */
 static int chol_lower(int n, double *a, int lda)
 {
-  int n1, n2, info;
+  int info = 0;
 
-  if (n <= CHOL_BASE) {
-    for (int j = 0; j < n; j++) {
-      double *restrict cj = a + (size_t)j * (size_t)lda, pivot = cj[j], r;
-
-      if (!(pivot > 0.0))
-        return j + 1;
-      pivot = sqrt(pivot);
-      cj[j] = pivot;
-      r = 1.0 / pivot;
-      for (int i = j + 1; i < n; i++)
-        cj[i] *= r;
-      for (int l = j + 1; l < n; l++) {
-        double *restrict cl = a + (size_t)l * (size_t)lda, f = cj[l];
-
-        for (int i = l; i < n; i++)
-          cl[i] -= f * cj[i];
-      }
-    }
-    return 0;
-  }
-
-  n1 = (n / 2 + 7) / 8 * 8;
-  n1 = n1 < n ? n1 : n / 2;
-  n2 = n - n1;
-  info = chol_lower(n1, a, lda);
-  if (info != 0)
-    return info;
-  cblas_dtrsm(CblasColMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit,
-              n2, n1, 1.0, a, lda, a + n1, lda);
-  cblas_dsyrk(CblasColMajor, CblasLower, CblasNoTrans, n2, n1, -1.0, a + n1,
-              lda, 1.0, a + n1 + (size_t)n1 * (size_t)lda, lda);
-  info = chol_lower(n2, a + n1 + (size_t)n1 * (size_t)lda, lda);
-  return info != 0 ? info + n1 : 0;
+  dpotrf_("L", &n, a, &lda, &info, 1);
+  return info;
 }
 
-/*
- * Solve L^T x = b in place (x holds b on entry), L lower triangular,
- * column-major with leading dimension lda: dtrsv("L", "T", "N").  Row i
- * of L^T is column i of L, so x_i = (b_i - L[i+1:, i]^T x[i+1:]) / L_ii,
- * from the last row up.  Four rows are taken at once: their four dot
- * products with the part of x already known share each load of x, each
- * split in two sums (even and odd j) so that eight independent additions
- * are in flight, and the 4 x 4 triangle at their end is solved directly.
- * At n = 100 this took 1.65 us against 2.9 us for OpenBLAS's dtrsv, whose
- * transposed kernel works in short blocks with a call each.
- */
+/* Solve L^T x = b in place (x holds b on entry), L lower triangular,
+ * column-major with leading dimension lda (BLAS dtrsv). */
 static void trsv_lower_trans(int n, const double *L, int lda, double *x)
 {
-  int i = n - 1;
-
-  /* The bottom rows, n mod 4 of them, one at a time. */
-  for (; i >= 0 && (i + 1) % 4 != 0; i--) {
-    const double *restrict c = L + (size_t)i * (size_t)lda;
-    double v = x[i];
-
-    for (int j = i + 1; j < n; j++)
-      v -= c[j] * x[j];
-    x[i] = v / c[i];
-  }
-
-  /* Then rows i - 3 .. i together. */
-  for (; i >= 3; i -= 4) {
-    const double *restrict c0 = L + (size_t)(i - 3) * (size_t)lda;
-    const double *restrict c1 = c0 + lda, *restrict c2 = c1 + lda;
-    const double *restrict c3 = c2 + lda;
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, x0, x1, x2, x3;
-    double t0 = 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0;
-    int j = i + 1;
-
-    for (; j + 2 <= n; j += 2) {
-      const double xa = x[j], xb = x[j + 1];
-
-      s0 += c0[j] * xa;
-      t0 += c0[j + 1] * xb;
-      s1 += c1[j] * xa;
-      t1 += c1[j + 1] * xb;
-      s2 += c2[j] * xa;
-      t2 += c2[j + 1] * xb;
-      s3 += c3[j] * xa;
-      t3 += c3[j + 1] * xb;
-    }
-    if (j < n) {
-      s0 += c0[j] * x[j];
-      s1 += c1[j] * x[j];
-      s2 += c2[j] * x[j];
-      s3 += c3[j] * x[j];
-    }
-    s0 += t0;
-    s1 += t1;
-    s2 += t2;
-    s3 += t3;
-    x3 = (x[i] - s3) / c3[i];
-    x2 = (x[i - 1] - s2 - c2[i] * x3) / c2[i - 1];
-    x1 = (x[i - 2] - s1 - c1[i] * x3 - c1[i - 1] * x2) / c1[i - 2];
-    x0 = (x[i - 3] - s0 - c0[i] * x3 - c0[i - 1] * x2 - c0[i - 2] * x1) /
-         c0[i - 3];
-    x[i] = x3;
-    x[i - 1] = x2;
-    x[i - 2] = x1;
-    x[i - 3] = x0;
-  }
+  cblas_dtrsv(CblasColMajor, CblasLower, CblasTrans, CblasNonUnit, n, L, lda, x,
+              1);
 }
 
 /*
