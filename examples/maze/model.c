@@ -534,10 +534,10 @@ static int mix_forward(void *vctx, const imp_shape *xs, const double *x,
     mix_terms(ctx, theta, zs->h, zs->w, xb, z + s * c * hw, u, 0);
     for (size_t r = 0; r < c; r++) {
       const double *ar = ctx->a.p + r * hw, *ur = u + r * hw;
-      double * or = ob + r * hw;
+      double *out_r = ob + r * hw;
       for (size_t p = 0; p < hw; p++) {
         double top = ar[p] > ur[p] ? ar[p] : ur[p];
-        or [p] = xb[p] > 0.5 ? top : 0.0;
+        out_r[p] = xb[p] > 0.5 ? top : 0.0;
       }
     }
   }
