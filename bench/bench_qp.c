@@ -156,8 +156,8 @@ static double forward_floor(const problems *P, const size_t *iterations)
         dpotrf_("L", &ni, LQ, &ni, &info, 1);
         cblas_dtrsm(CblasColMajor, CblasLeft, CblasLower, CblasNoTrans,
                     CblasNonUnit, ni, mi, 1.0, LQ, ni, MG, ni);
-        cblas_dsyrk(CblasColMajor, CblasLower, CblasTrans, mi, ni, 1.0, MG,
-                    ni, 0.0, C, mi);
+        cblas_dsyrk(CblasColMajor, CblasLower, CblasTrans, mi, ni, 1.0, MG, ni,
+                    0.0, C, mi);
       }
       for (size_t it = 0; it < iterations[k]; it++) {
         memcpy(H, C, m * m * sizeof(double));
@@ -169,8 +169,8 @@ static double forward_floor(const problems *P, const size_t *iterations)
         for (int solve = 0; solve < 2; solve++) {
           for (size_t i = 0; i < m; i++)
             v[i] = 1.0;
-          cblas_dtrsv(CblasColMajor, CblasLower, CblasNoTrans, CblasNonUnit,
-                      mi, H, mi, v, 1);
+          cblas_dtrsv(CblasColMajor, CblasLower, CblasNoTrans, CblasNonUnit, mi,
+                      H, mi, v, 1);
           cblas_dtrsv(CblasColMajor, CblasLower, CblasTrans, CblasNonUnit, mi,
                       H, mi, v, 1);
         }
