@@ -81,24 +81,6 @@ static const double *piece_ptr(const imp_qp_data *d, unsigned i, size_t *stride)
 
 static const char *const piece_names[6] = {"Q", "p", "A", "b", "G", "h"};
 
-/* 1 if all n entries are finite: a - a is NaN exactly for NaN and Inf, and
- * four running sums let the loop run without a branch per entry. */
-static int all_finite(const double *a, size_t n)
-{
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-  size_t i = 0;
-
-  for (; i + 4 <= n; i += 4) {
-    s0 += a[i] - a[i];
-    s1 += a[i + 1] - a[i + 1];
-    s2 += a[i + 2] - a[i + 2];
-    s3 += a[i + 3] - a[i + 3];
-  }
-  for (; i < n; i++)
-    s0 += a[i] - a[i];
-  return s0 + s1 + s2 + s3 == 0.0;
-}
-
 int imp__qp_check(const imp_qp_dims *dims, size_t nbatch,
                   const imp_qp_data *data, const char *fn)
 {
@@ -162,7 +144,7 @@ int imp__qp_check_finite(const imp_qp_dims *dims, const imp_qp_data *data,
 
     if (size == 0 || (stride == 0 && k > 0))
       continue;
-    if (!all_finite(ptr + k * stride, size))
+    if (!imp__all_finite(ptr + k * stride, size))
       return imp__fail(IMP_ENONFINITE, "%s: NaN or Inf in %s of sample %zu", fn,
                        piece_names[i], k);
   }
