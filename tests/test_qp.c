@@ -1,6 +1,7 @@
 /*
  * tests/test_qp.c - the QP layer: the interior-point forward on small
- * problems of the Maros-Meszaros convex QP test set, gradients of every
+ * problems of the Maros-Meszaros convex QP test set and on 250 random QPs
+ * with planted solutions in five hard families, gradients of every
  * piece of the data through the KKT conditions against finite
  * differences, the statuses of infeasible, unbounded, non-convex and
  * malformed problems, and the layer in its input modes.
@@ -574,6 +575,144 @@ START_TEST(test_dual_degenerate)
   /* By default, four rows on one variable take the primal system. */
   ck_assert_int_eq(imp_qp_solve(&dims, 1, &d, y, NULL, &st), IMP_OK);
   ck_assert_uint_eq(st.dual_system, 0);
+}
+END_TEST
+
+/*
+ * Families of random QPs that are hard for one part of the method or
+ * another, each with a planted KKT point (z0, lambda0) and Q definite, so
+ * that z0 is the unique minimizer and the exact answer:
+ *   0 generic: Q = L L^T / n + 1e-3 I;
+ *   1 Q near singular: Q = L L^T / n + 1e-6 I, with rank-deficient L
+ *     (n / 2 columns) where n > 1;
+ *   2 duplicated rows: each odd row of G and h repeats the even one, the
+ *     multiplier split between the two (not unique);
+ *   3 rows scaled by 10^u, u uniform on (-3, 3);
+ *   4 weakly active rows: a third of the rows with lambda0 = s0 = 0.
+ * A third of the other rows are active (lambda0 in [0.5, 1.5]), the rest
+ * slack by [0.5, 1.5].  Sizes: nz in 1..40 and nineq in 1..nz, which the
+ * default solves on the dual system, or nineq in nz+1..2.5 nz, on the
+ * primal one; both systems are asked for explicitly as well.
+ */
+static void planted_family(imp_rng *rng, int kind, size_t n, size_t m,
+                           double *Q, double *p, double *G, double *h,
+                           double *z0)
+{
+  size_t rank = kind == 1 && n > 1 ? n / 2 : n;
+  double *L = malloc(n * rank * sizeof(double));
+  double *lam = malloc(m * sizeof(double));
+
+  ck_assert_ptr_nonnull(L);
+  ck_assert_ptr_nonnull(lam);
+  imp_rng_fill_normal(rng, L, n * rank, 0.0, 1.0);
+  for (size_t i = 0; i < n; i++)
+    for (size_t j = 0; j < n; j++) {
+      double q = i == j ? (kind == 1 ? 1e-6 : 1e-3) : 0.0;
+
+      for (size_t l = 0; l < rank; l++)
+        q += L[i * rank + l] * L[j * rank + l] / (double)n;
+      Q[i * n + j] = q;
+    }
+  imp_rng_fill_normal(rng, G, m * n, 0.0, 1.0);
+  imp_rng_fill_normal(rng, z0, n, 0.0, 1.0);
+  for (size_t i = 0; i < m; i++) {
+    double u = imp_rng_uniform(rng), s = 0.0, *gi = G + i * n;
+    int role = (int)(3.0 * imp_rng_uniform(rng)); /* 0 active, else slack */
+
+    if (kind == 2 && i % 2 == 1) {
+      memcpy(gi, gi - n, n * sizeof(double));
+      h[i] = h[i - 1];
+      lam[i] = lam[i - 1] *= 0.5;
+      continue;
+    }
+    if (kind == 3) {
+      double scale = pow(10.0, 6.0 * imp_rng_uniform(rng) - 3.0);
+
+      for (size_t j = 0; j < n; j++)
+        gi[j] *= scale;
+    }
+    lam[i] = 0.0;
+    if (kind == 4 && i % 3 == 0)
+      ; /* weakly active: lambda0 = s0 = 0 */
+    else if (role == 0)
+      lam[i] = 0.5 + u;
+    else
+      s = 0.5 + u;
+    h[i] = imp__dot(n, gi, z0) + s;
+  }
+  for (size_t j = 0; j < n; j++) {
+    double r = 0.0;
+
+    for (size_t l = 0; l < n; l++)
+      r += Q[j * n + l] * z0[l];
+    for (size_t i = 0; i < m; i++)
+      r += G[i * n + j] * lam[i];
+    p[j] = -r;
+  }
+  free(L);
+  free(lam);
+}
+
+START_TEST(test_random_families)
+{
+  /* Worst |z - z0| / max(1, |z0|) allowed per family: where Q is near
+   * singular, rows are scaled or constraints weakly active, the minimizer
+   * moves by about tol over Q's smallest eigenvalue (or sqrt(tol)) under
+   * residuals of tol, and 1e-3 is that with a margin. */
+  const double bound[5] = {1e-6, 1e-3, 1e-6, 1e-3, 1e-3};
+  const imp_qp_system systems[3] = {IMP_QP_SYSTEM_AUTO, IMP_QP_SYSTEM_DUAL,
+                                    IMP_QP_SYSTEM_PRIMAL};
+  size_t solved = 0, on_dual = 0, retried = 0;
+  imp_rng rng;
+
+  imp_rng_seed(&rng, 2026);
+  for (int t = 0; t < 250; t++) {
+    int kind = t % 5, wide = t % 10 >= 5;
+    size_t n = 1 + (size_t)(40.0 * imp_rng_uniform(&rng));
+    size_t m = wide ? n + 1 + (size_t)(1.5 * (double)n * imp_rng_uniform(&rng))
+                    : 1 + (size_t)((double)n * imp_rng_uniform(&rng));
+    imp_qp_dims dims = {.nz = n, .nineq = m};
+    double *Q = malloc(n * n * sizeof(double)), *p = malloc(n * sizeof(double));
+    double *G = malloc(m * n * sizeof(double)), *h = malloc(m * sizeof(double));
+    double *z0 = malloc(n * sizeof(double));
+    double *y = malloc((n + m) * sizeof(double));
+    imp_qp_data d = {.Q = Q, .p = p, .G = G, .h = h};
+
+    ck_assert(Q && p && G && h && z0 && y);
+    planted_family(&rng, kind, n, m, Q, p, G, h, z0);
+
+    /* The primal system alone stalls on families 1 and 3 (docs/qp.md). */
+    for (int s = 0; s < (kind == 1 || kind == 3 ? 2 : 3); s++) {
+      imp_qp_options opt = {.system = systems[s]};
+      imp_qp_stats st;
+      double err = 0.0, scale = 1.0;
+
+      ck_assert_msg(imp_qp_solve(&dims, 1, &d, y, &opt, &st) == IMP_OK,
+                    "QP %d (family %d, nz %zu, nineq %zu), system %d: %s", t,
+                    kind, n, m, s, imp_last_error());
+      for (size_t j = 0; j < n; j++) {
+        err = fmax(err, fabs(y[j] - z0[j]));
+        scale = fmax(scale, fabs(z0[j]));
+      }
+      ck_assert_msg(err / scale < bound[kind],
+                    "QP %d (family %d), system %d: |z - z0| %.3g", t, kind, s,
+                    err / scale);
+      solved++;
+      on_dual += st.dual_system;
+      retried += s == 0 && wide && st.dual_system;
+    }
+    free(Q);
+    free(p);
+    free(G);
+    free(h);
+    free(z0);
+    free(y);
+  }
+  ck_assert_uint_eq(solved, 650);
+  ck_assert_uint_gt(on_dual, 300);
+  /* Auto starts the wide QPs on the primal system; those that stalled
+   * there finished on the dual one. */
+  ck_assert_uint_gt(retried, 0);
 }
 END_TEST
 
@@ -1348,6 +1487,7 @@ Suite *qp_suite(void)
   tcase_add_test(tc, test_header_example);
   tcase_add_test(tc, test_planted_solution);
   tcase_add_test(tc, test_dual_degenerate);
+  tcase_add_test(tc, test_random_families);
   tcase_add_test(tc, test_gradients_each_piece);
   tcase_add_test(tc, test_weakly_active);
   tcase_add_test(tc, test_singular_kkt);

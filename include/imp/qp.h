@@ -56,7 +56,15 @@
  * (IMP_QP_SYSTEM_AUTO) the dual system is used when nineq <= nz; should
  * it stop being numerically definite, or z miss the tolerance, the QP
  * goes on with the full iteration (on the primal system in the first
- * case).
+ * case).  With more inequalities than variables AUTO starts on the
+ * primal system, and if rounding stalls it there (the large entries of
+ * W in G^T W G set a floor under the dual residual where Q is near
+ * singular or G's rows differ in scale by orders of magnitude), solves
+ * the QP again on the dual system; stats count the iterations of both.
+ * Forced onto the primal system (IMP_QP_SYSTEM_PRIMAL), and wherever the
+ * dual one does not apply (equalities, semidefinite Q), such a QP ends
+ * in IMP_ENOCONV at tolerances near 1e-10, with the residuals it
+ * reached; a looser tol then serves.
  *
  * Each iteration factors once and solves twice: an affine (predictor)
  * step, then a step towards the central path with sigma = (mu_aff / mu)^3
@@ -237,7 +245,8 @@ typedef struct imp_qp_grad {
 /** Which linear system the interior-point steps solve (see above). */
 typedef enum imp_qp_system {
   IMP_QP_SYSTEM_AUTO = 0, /**< dual where Q is definite, neq = 0 and
-                               nineq <= nz; primal otherwise */
+                               nineq <= nz; primal otherwise, then dual
+                               if that stalls */
   IMP_QP_SYSTEM_PRIMAL,   /**< always Q + G^T W G */
   IMP_QP_SYSTEM_DUAL      /**< G Q^-1 G^T + W^-1 wherever Q is definite
                                and neq = 0 */

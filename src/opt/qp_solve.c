@@ -10,6 +10,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -81,6 +82,7 @@ struct ipm_work {
 typedef struct ipm_result {
   size_t iterations;
   double primal, dual, gap, objective;
+  int stalled; /* IMP_ENOCONV came from rounding, not max_iter */
 } ipm_result;
 
 /* The workspace's arrays and their lengths, for allocation and release. */
@@ -179,6 +181,31 @@ static int work_alloc(ipm_work *ws, const imp_qp_dims *dims, int dual_possible)
                      "nineq = %zu, neq = %zu",
                      ws->n, ws->m, ws->p);
   }
+  return IMP_OK;
+}
+
+/* Allocate the dual system's arrays, where work_alloc left them out. */
+static int work_enable_dual(ipm_work *ws)
+{
+  double **ptr[WORK_ARRAYS];
+  size_t before[WORK_ARRAYS], after[WORK_ARRAYS];
+  int ok = 1;
+
+  if (ws->dual_possible)
+    return IMP_OK;
+  work_table(ws, ptr, before);
+  ws->dual_possible = 1;
+  work_table(ws, ptr, after);
+  for (size_t i = 0; i < WORK_ARRAYS; i++)
+    if (after[i] != before[i]) {
+      free(*ptr[i]);
+      *ptr[i] = imp__dalloc(after[i]);
+      ok &= *ptr[i] != NULL;
+    }
+  if (!ok)
+    return imp__fail(IMP_ENOMEM,
+                     "qp_solve: the dual system's workspace for nineq = %zu",
+                     ws->m);
   return IMP_OK;
 }
 
@@ -1222,6 +1249,7 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
                        k, res->iterations);
   }
 
+  res->stalled = stalled >= STALL_LIMIT;
   if (!converged)
     return imp__fail(IMP_ENOCONV,
                      "qp (sample %zu): no convergence in %zu "
@@ -1313,6 +1341,47 @@ static void prepare_dual(ipm_work *ws, const imp__qp_view *d)
               0.0, ws->C, mi);
 }
 
+/*
+ * The second try on the dual system, for a QP whose primal iteration
+ * stalled (rc, its IMP_ENOCONV, and res).  The normal matrix
+ * Q + G^T W G carries W's largest entries, of order 1 / tol, and its
+ * rounding sets a floor under the dual residual where Q is near singular
+ * or the rows of G differ in scale by orders of magnitude (in
+ * tests/test_qp.c, test_random_families, at tol 1e-10: 10 of its 125 QPs
+ * with nineq > nz); the dual system forms neither G^T W G nor a product
+ * with W's large entries.  It costs nineq x nineq factorizations, which
+ * is why it is not the first choice there.  res counts the iterations of
+ * both tries.  If the second fails too, its status stands, with both
+ * messages.
+ */
+static int retry_dual(ipm_work *ws, const imp__qp_view *d,
+                      const imp__qp_config *c, size_t k, double *y,
+                      ipm_result *res, int rc)
+{
+  size_t first = res->iterations;
+  char message[512];
+  const char *colon = strchr(imp_last_error(), ':');
+
+  /* The first message, without its status name. */
+  snprintf(message, sizeof message, "%s",
+           colon != NULL ? colon + 2 : imp_last_error());
+  imp__log(IMP_LOG_INFO,
+           "qp (sample %zu): the primal system stalled; solving again on "
+           "the dual system",
+           k);
+  IMP__TRY(work_enable_dual(ws));
+  prepare_dual(ws, d);
+  ws->dual = 1;
+  rc = ipm(ws, d, c, k, y, res);
+  res->iterations += first;
+  if (rc != IMP_OK) {
+    colon = strchr(imp_last_error(), ':');
+    return imp__fail(rc, "%s; before that, on the primal system: %s",
+                     colon != NULL ? colon + 2 : imp_last_error(), message);
+  }
+  return IMP_OK;
+}
+
 int imp_qp_solve(const imp_qp_dims *dims, size_t nbatch,
                  const imp_qp_data *data, double *y, const imp_qp_options *opt,
                  imp_qp_stats *stats)
@@ -1321,16 +1390,18 @@ int imp_qp_solve(const imp_qp_dims *dims, size_t nbatch,
   imp_qp_stats st = {0};
   ipm_work ws;
   size_t ny;
-  int rc = IMP_OK;
+  int rc = IMP_OK, dual_first, dual_later;
 
   IMP__TRY(imp__qp_check(dims, nbatch, data, "qp_solve"));
   if (y == NULL)
     return imp__fail(IMP_EINVAL, "qp_solve: NULL y");
   ny = imp_qp_ny(dims);
-  IMP__TRY(work_alloc(
-      &ws, dims,
-      c.system != IMP_QP_SYSTEM_PRIMAL && dims->neq == 0 && dims->nineq > 0 &&
-          (c.system == IMP_QP_SYSTEM_DUAL || dims->nineq <= dims->nz)));
+  dual_first = c.system != IMP_QP_SYSTEM_PRIMAL && dims->neq == 0 &&
+               dims->nineq > 0 &&
+               (c.system == IMP_QP_SYSTEM_DUAL || dims->nineq <= dims->nz);
+  dual_later = c.system == IMP_QP_SYSTEM_AUTO && !dual_first &&
+               dims->neq == 0 && dims->nineq > 0;
+  IMP__TRY(work_alloc(&ws, dims, dual_first));
 
   for (size_t k = 0; k < nbatch && rc == IMP_OK; k++) {
     imp__qp_view d = imp__qp_view_of(data, k);
@@ -1343,13 +1414,20 @@ int imp_qp_solve(const imp_qp_dims *dims, size_t nbatch,
     if (rc == IMP_OK && (k == 0 || data->Q_stride != 0 || data->A_stride != 0))
       rc = prepare(&ws, &d, &c, k);
     if (rc == IMP_OK) {
-      int dual = ws.dual_possible && ws.q_definite;
+      int dual = dual_first && ws.q_definite;
 
       if (dual && (k == 0 || data->Q_stride != 0 || data->G_stride != 0))
         prepare_dual(&ws, &d);
       ws.dual = dual;
       st.semidefinite += !ws.q_definite;
       rc = ipm(&ws, &d, &c, k, y + k * ny, &res);
+
+      /* Where rounding stalled the primal system, the dual one, which
+       * forms neither G^T W G nor a product with the large entries of W,
+       * gets a second try: Q definite, no equalities, more inequalities
+       * than variables (see retry_dual). */
+      if (rc == IMP_ENOCONV && res.stalled && dual_later && ws.q_definite)
+        rc = retry_dual(&ws, &d, &c, k, y + k * ny, &res, rc);
       st.dual_system += rc == IMP_OK && ws.dual;
     }
 
