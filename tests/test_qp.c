@@ -580,30 +580,33 @@ END_TEST
 
 /*
  * Families of random QPs that are hard for one part of the method or
- * another, each with a planted KKT point (z0, lambda0) and Q definite, so
- * that z0 is the unique minimizer and the exact answer:
+ * another, each with a planted KKT point (z0, lambda0, nu0) and Q
+ * definite, so that z0 is the unique minimizer and the exact answer:
  *   0 generic: Q = L L^T / n + 1e-3 I;
  *   1 Q near singular: Q = L L^T / n + 1e-6 I, with rank-deficient L
  *     (n / 2 columns) where n > 1;
  *   2 duplicated rows: each odd row of G and h repeats the even one, the
  *     multiplier split between the two (not unique);
- *   3 rows scaled by 10^u, u uniform on (-3, 3);
+ *   3 rows of G scaled by 10^u, u uniform on (-3, 3);
  *   4 weakly active rows: a third of the rows with lambda0 = s0 = 0.
  * A third of the other rows are active (lambda0 in [0.5, 1.5]), the rest
- * slack by [0.5, 1.5].  Sizes: nz in 1..40 and nineq in 1..nz, which the
- * default solves on the dual system, or nineq in nz+1..2.5 nz, on the
- * primal one; both systems are asked for explicitly as well.
+ * slack by [0.5, 1.5].  f holds the sizes on entry.
  */
-static void planted_family(imp_rng *rng, int kind, size_t n, size_t m,
-                           double *Q, double *p, double *G, double *h,
-                           double *z0)
+static void planted_family(imp_rng *rng, int kind, qp_form *f, double *z0)
 {
+  size_t n = f->dims.nz, m = f->dims.nineq, p = f->dims.neq;
   size_t rank = kind == 1 && n > 1 ? n / 2 : n;
   double *L = malloc(n * rank * sizeof(double));
-  double *lam = malloc(m * sizeof(double));
+  double *lam = malloc(m * sizeof(double)), *nu = malloc(p * sizeof(double));
 
-  ck_assert_ptr_nonnull(L);
-  ck_assert_ptr_nonnull(lam);
+  f->Q = malloc(n * n * sizeof(double));
+  f->p = malloc(n * sizeof(double));
+  f->G = malloc(m * n * sizeof(double));
+  f->h = malloc(m * sizeof(double));
+  f->A = p > 0 ? malloc(p * n * sizeof(double)) : NULL;
+  f->b = p > 0 ? malloc(p * sizeof(double)) : NULL;
+  ck_assert(L && lam && nu && f->Q && f->p && f->G && f->h);
+  ck_assert(p == 0 || (f->A && f->b));
   imp_rng_fill_normal(rng, L, n * rank, 0.0, 1.0);
   for (size_t i = 0; i < n; i++)
     for (size_t j = 0; j < n; j++) {
@@ -611,17 +614,21 @@ static void planted_family(imp_rng *rng, int kind, size_t n, size_t m,
 
       for (size_t l = 0; l < rank; l++)
         q += L[i * rank + l] * L[j * rank + l] / (double)n;
-      Q[i * n + j] = q;
+      f->Q[i * n + j] = q;
     }
-  imp_rng_fill_normal(rng, G, m * n, 0.0, 1.0);
+  imp_rng_fill_normal(rng, f->G, m * n, 0.0, 1.0);
   imp_rng_fill_normal(rng, z0, n, 0.0, 1.0);
+  if (p > 0) {
+    imp_rng_fill_normal(rng, f->A, p * n, 0.0, 1.0);
+    imp_rng_fill_normal(rng, nu, p, 0.0, 1.0);
+  }
   for (size_t i = 0; i < m; i++) {
-    double u = imp_rng_uniform(rng), s = 0.0, *gi = G + i * n;
+    double u = imp_rng_uniform(rng), s = 0.0, *gi = f->G + i * n;
     int role = (int)(3.0 * imp_rng_uniform(rng)); /* 0 active, else slack */
 
     if (kind == 2 && i % 2 == 1) {
       memcpy(gi, gi - n, n * sizeof(double));
-      h[i] = h[i - 1];
+      f->h[i] = f->h[i - 1];
       lam[i] = lam[i - 1] *= 0.5;
       continue;
     }
@@ -638,21 +645,34 @@ static void planted_family(imp_rng *rng, int kind, size_t n, size_t m,
       lam[i] = 0.5 + u;
     else
       s = 0.5 + u;
-    h[i] = imp__dot(n, gi, z0) + s;
+    f->h[i] = imp__dot(n, gi, z0) + s;
   }
+  for (size_t i = 0; i < p; i++)
+    f->b[i] = imp__dot(n, f->A + i * n, z0);
   for (size_t j = 0; j < n; j++) {
     double r = 0.0;
 
     for (size_t l = 0; l < n; l++)
-      r += Q[j * n + l] * z0[l];
+      r += f->Q[j * n + l] * z0[l];
     for (size_t i = 0; i < m; i++)
-      r += G[i * n + j] * lam[i];
-    p[j] = -r;
+      r += f->G[i * n + j] * lam[i];
+    for (size_t i = 0; i < p; i++)
+      r += f->A[i * n + j] * nu[i];
+    f->p[j] = -r;
   }
   free(L);
   free(lam);
+  free(nu);
 }
 
+/*
+ * 250 QPs of those families, in three shapes: nz in 1..40 with nineq in
+ * 1..nz (the dual system by default), with nineq in nz+1..2.5 nz (the
+ * primal one), or with 1..nz/3 equality rows besides nineq in 1..2 nz;
+ * each solved by default and with either system forced, at tol 1e-10.
+ * On the families that defeat the primal system's rounding (1 and 3),
+ * some QPs finish on the augmented system.
+ */
 START_TEST(test_random_families)
 {
   /* Worst |z - z0| / max(1, |z0|) allowed per family: where Q is near
@@ -662,34 +682,40 @@ START_TEST(test_random_families)
   const double bound[5] = {1e-6, 1e-3, 1e-6, 1e-3, 1e-3};
   const imp_qp_system systems[3] = {IMP_QP_SYSTEM_AUTO, IMP_QP_SYSTEM_DUAL,
                                     IMP_QP_SYSTEM_PRIMAL};
-  size_t solved = 0, on_dual = 0, retried = 0;
+  size_t solved = 0, on_dual = 0, augmented = 0;
   imp_rng rng;
 
   imp_rng_seed(&rng, 2026);
   for (int t = 0; t < 250; t++) {
-    int kind = t % 5, wide = t % 10 >= 5;
-    size_t n = 1 + (size_t)(40.0 * imp_rng_uniform(&rng));
-    size_t m = wide ? n + 1 + (size_t)(1.5 * (double)n * imp_rng_uniform(&rng))
-                    : 1 + (size_t)((double)n * imp_rng_uniform(&rng));
-    imp_qp_dims dims = {.nz = n, .nineq = m};
-    double *Q = malloc(n * n * sizeof(double)), *p = malloc(n * sizeof(double));
-    double *G = malloc(m * n * sizeof(double)), *h = malloc(m * sizeof(double));
-    double *z0 = malloc(n * sizeof(double));
-    double *y = malloc((n + m) * sizeof(double));
-    imp_qp_data d = {.Q = Q, .p = p, .G = G, .h = h};
+    int kind = t % 5, shape = t % 10 < 4 ? 0 : t % 10 < 7 ? 1 : 2;
+    size_t n = 1 + (size_t)(40.0 * imp_rng_uniform(&rng)), m, neq = 0;
+    double u = imp_rng_uniform(&rng), *z0 = malloc(n * sizeof(double)), *y;
+    qp_form f;
+    imp_qp_data d;
 
-    ck_assert(Q && p && G && h && z0 && y);
-    planted_family(&rng, kind, n, m, Q, p, G, h, z0);
-
-    /* The primal system alone stalls on families 1 and 3 (docs/qp.md). */
-    for (int s = 0; s < (kind == 1 || kind == 3 ? 2 : 3); s++) {
+    if (shape == 0)
+      m = 1 + (size_t)((double)n * u);
+    else if (shape == 1)
+      m = n + 1 + (size_t)(1.5 * (double)n * u);
+    else {
+      m = 1 + (size_t)(2.0 * (double)n * u);
+      neq = 1 + (size_t)((double)(n / 3) * imp_rng_uniform(&rng));
+    }
+    f = (qp_form){.dims = {.nz = n, .nineq = m, .neq = neq}};
+    ck_assert_ptr_nonnull(z0);
+    planted_family(&rng, kind, &f, z0);
+    d = data_of(&f);
+    y = malloc(imp_qp_ny(&f.dims) * sizeof(double));
+    ck_assert_ptr_nonnull(y);
+    for (int s = 0; s < 3; s++) {
       imp_qp_options opt = {.system = systems[s]};
       imp_qp_stats st;
       double err = 0.0, scale = 1.0;
 
-      ck_assert_msg(imp_qp_solve(&dims, 1, &d, y, &opt, &st) == IMP_OK,
-                    "QP %d (family %d, nz %zu, nineq %zu), system %d: %s", t,
-                    kind, n, m, s, imp_last_error());
+      ck_assert_msg(imp_qp_solve(&f.dims, 1, &d, y, &opt, &st) == IMP_OK,
+                    "QP %d (family %d, nz %zu, nineq %zu, neq %zu), system "
+                    "%d: %s",
+                    t, kind, n, m, neq, s, imp_last_error());
       for (size_t j = 0; j < n; j++) {
         err = fmax(err, fabs(y[j] - z0[j]));
         scale = fmax(scale, fabs(z0[j]));
@@ -699,20 +725,15 @@ START_TEST(test_random_families)
                     err / scale);
       solved++;
       on_dual += st.dual_system;
-      retried += s == 0 && wide && st.dual_system;
+      augmented += st.augmented;
     }
-    free(Q);
-    free(p);
-    free(G);
-    free(h);
+    form_free(&f);
     free(z0);
     free(y);
   }
-  ck_assert_uint_eq(solved, 650);
-  ck_assert_uint_gt(on_dual, 300);
-  /* Auto starts the wide QPs on the primal system; those that stalled
-   * there finished on the dual one. */
-  ck_assert_uint_gt(retried, 0);
+  ck_assert_uint_eq(solved, 750);
+  ck_assert_uint_gt(on_dual, 200);
+  ck_assert_uint_gt(augmented, 0);
 }
 END_TEST
 

@@ -56,15 +56,7 @@
  * (IMP_QP_SYSTEM_AUTO) the dual system is used when nineq <= nz; should
  * it stop being numerically definite, or z miss the tolerance, the QP
  * goes on with the full iteration (on the primal system in the first
- * case).  With more inequalities than variables AUTO starts on the
- * primal system, and if rounding stalls it there (the large entries of
- * W in G^T W G set a floor under the dual residual where Q is near
- * singular or G's rows differ in scale by orders of magnitude), solves
- * the QP again on the dual system; stats count the iterations of both.
- * Forced onto the primal system (IMP_QP_SYSTEM_PRIMAL), and wherever the
- * dual one does not apply (equalities, semidefinite Q), such a QP ends
- * in IMP_ENOCONV at tolerances near 1e-10, with the residuals it
- * reached; a looser tol then serves.
+ * case).
  *
  * Each iteration factors once and solves twice: an affine (predictor)
  * step, then a step towards the central path with sigma = (mu_aff / mu)^3
@@ -90,9 +82,20 @@
  *               / (1 + max(|Qz|, |p|, |G^T lambda|, |A^T nu|))
  *     gap     s^T lambda / (1 + |1/2 z^T Q z + p^T z|)
  *
- * are all below tol.  It gives up (IMP_ENOCONV) after max_iter iterations,
- * or when the gap is below tol but the larger residual has not halved in
- * 5 iterations (rounding, not the method, then sets the limit).
+ * are all below tol.  When the gap is below tol but the larger residual
+ * has not halved in 2 iterations, rounding in the system's matrix sets
+ * the limit (W's entries on active rows grow like 1 / tol, and enter
+ * Q + G^T W G through products with G), and the steps go on with the
+ * augmented system of order n + p + m,
+ *
+ *     [Q A^T G^T; A 0 0; G 0 -W^-1] (dz, dnu, dlambda) = r,
+ *
+ * factored by LAPACK dsytrf (Bunch-Kaufman), where W only enters as
+ * W^-1 on the diagonal (stats->augmented counts the QPs it finished; it
+ * is skipped where n + p + m > 4096, or where its matrix is singular in
+ * rounding).  It gives up (IMP_ENOCONV) after max_iter iterations, or
+ * when the residual has not halved in 5 more (rounding, not the method,
+ * then sets the limit).
  *
  * Checks.  Q (its symmetric part) is factored by Cholesky first; if that
  * fails or leaves a pivot below psd_tol times Q's largest diagonal entry,
@@ -245,8 +248,7 @@ typedef struct imp_qp_grad {
 /** Which linear system the interior-point steps solve (see above). */
 typedef enum imp_qp_system {
   IMP_QP_SYSTEM_AUTO = 0, /**< dual where Q is definite, neq = 0 and
-                               nineq <= nz; primal otherwise, then dual
-                               if that stalls */
+                               nineq <= nz; primal otherwise */
   IMP_QP_SYSTEM_PRIMAL,   /**< always Q + G^T W G */
   IMP_QP_SYSTEM_DUAL      /**< G Q^-1 G^T + W^-1 wherever Q is definite
                                and neq = 0 */
@@ -275,6 +277,7 @@ typedef struct imp_qp_stats {
   double gap;              /**< relative duality gap */
   size_t semidefinite;     /**< QPs whose Q was only semidefinite */
   size_t dual_system;      /**< QPs solved on the dual system to the end */
+  size_t augmented;        /**< QPs finished on the augmented system */
   size_t sample;           /**< on failure, the first QP that failed */
   double adjoint_cond;     /**< backward: estimated cond of df/dy */
   double adjoint_residual; /**< backward: |J^T v + ybar| / |ybar| */

@@ -29,6 +29,12 @@ void dpotrf_(const char *uplo, const int *n, double *a, const int *lda,
 void dpotrs_(const char *uplo, const int *n, const int *nrhs, const double *a,
              const int *lda, double *b, const int *ldb, int *info,
              size_t uplo_len);
+void dsytrf_(const char *uplo, const int *n, double *a, const int *lda,
+             int *ipiv, double *work, const int *lwork, int *info,
+             size_t uplo_len);
+void dsytrs_(const char *uplo, const int *n, const int *nrhs, const double *a,
+             const int *lda, const int *ipiv, double *b, const int *ldb,
+             int *info, size_t uplo_len);
 void dsyev_(const char *jobz, const char *uplo, const int *n, double *a,
             const int *lda, double *w, double *work, const int *lwork,
             int *info, size_t jobz_len, size_t uplo_len);

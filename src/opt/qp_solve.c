@@ -10,7 +10,6 @@
  */
 #include <float.h>
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,6 +29,12 @@
 
 /* Iterations without progress after which the solve gives up. */
 #define STALL_LIMIT 5
+
+/* Iterations without progress after which the steps go on with the
+ * augmented system (ipm), if its order n + p + m is at most
+ * AUG_MAX_ORDER (its matrix then takes at most 128 MiB). */
+#define AUG_STALL_LIMIT 2
+#define AUG_MAX_ORDER 4096
 
 /* Relative size below which a certificate's direction counts as zero. */
 #define DIRECTION_TOL 1e-6
@@ -74,6 +79,12 @@ struct ipm_work {
                                    and |rd0|_inf */
   double x0_norm;               /* |Q^-1 p|_1 (dual_certify) */
   int factored;                 /* the factors are those of the current W */
+  int aug;                      /* this QP's steps use the augmented system */
+  int aug_dual, aug_failed;     /* ws->dual before it; it could not factor */
+  size_t aug_size;              /* its order N = n + p + m, once allocated */
+  double *aug_k;                /* N x N: the augmented matrix, its factor */
+  double *aug_rhs, *aug_work;   /* N, and dsytrf's workspace */
+  int *aug_ipiv, aug_lwork;     /* N: dsytrf's pivots */
   /* Scales of the current QP. */
   double norm_p, norm_bh, length;
 };
@@ -82,7 +93,6 @@ struct ipm_work {
 typedef struct ipm_result {
   size_t iterations;
   double primal, dual, gap, objective;
-  int stalled; /* IMP_ENOCONV came from rounding, not max_iter */
 } ipm_result;
 
 /* The workspace's arrays and their lengths, for allocation and release. */
@@ -151,6 +161,13 @@ static void work_free(ipm_work *ws)
   double **ptr[WORK_ARRAYS];
   size_t size[WORK_ARRAYS];
 
+  free(ws->aug_k);
+  free(ws->aug_rhs);
+  free(ws->aug_work);
+  free(ws->aug_ipiv);
+  ws->aug_k = ws->aug_rhs = ws->aug_work = NULL;
+  ws->aug_ipiv = NULL;
+
   work_table(ws, ptr, size);
   for (size_t i = 0; i < WORK_ARRAYS; i++) {
     free(*ptr[i]);
@@ -181,31 +198,6 @@ static int work_alloc(ipm_work *ws, const imp_qp_dims *dims, int dual_possible)
                      "nineq = %zu, neq = %zu",
                      ws->n, ws->m, ws->p);
   }
-  return IMP_OK;
-}
-
-/* Allocate the dual system's arrays, where work_alloc left them out. */
-static int work_enable_dual(ipm_work *ws)
-{
-  double **ptr[WORK_ARRAYS];
-  size_t before[WORK_ARRAYS], after[WORK_ARRAYS];
-  int ok = 1;
-
-  if (ws->dual_possible)
-    return IMP_OK;
-  work_table(ws, ptr, before);
-  ws->dual_possible = 1;
-  work_table(ws, ptr, after);
-  for (size_t i = 0; i < WORK_ARRAYS; i++)
-    if (after[i] != before[i]) {
-      free(*ptr[i]);
-      *ptr[i] = imp__dalloc(after[i]);
-      ok &= *ptr[i] != NULL;
-    }
-  if (!ok)
-    return imp__fail(IMP_ENOMEM,
-                     "qp_solve: the dual system's workspace for nineq = %zu",
-                     ws->m);
   return IMP_OK;
 }
 
@@ -373,6 +365,106 @@ static int factor_dual(ipm_work *ws)
 }
 
 /*
+ * The augmented system, where rounding stalls the others (see ipm):
+ *
+ *     [ Qs  A^T  G^T    ] [ dz  ]   [ -rd              ]
+ *     [ A   0    0      ] [ dnu ] = [ -req             ]
+ *     [ G   0    -W^-1  ] [ dl  ]   [ rc / lambda - rin ]
+ *
+ * of order N = n + p + m, factored by LAPACK dsytrf (Bunch-Kaufman, lower)
+ * and solved by dsytrs.  It is the Newton system with ds eliminated
+ * alone: W, whose entries on active rows grow like 1 / tol near the end,
+ * appears only as W^-1 on the diagonal instead of entering
+ * Q + G^T W G through products with G, where its rounding sets a floor
+ * under the dual residual when Q is near singular or the rows of G
+ * differ in scale by orders of magnitude (tests/test_qp.c,
+ * test_random_families: 1e-10 to 1e-7 against tol 1e-10).  It costs an
+ * N x N factorization per step, which is why it only finishes a QP.
+ * The arrays are allocated at the first use; returns 0, or non-zero if
+ * that fails or N exceeds AUG_MAX_ORDER.
+ */
+static int augmented_alloc(ipm_work *ws)
+{
+  size_t N = ws->n + ws->p + ws->m;
+  int Ni = (int)N, info = 0, query = -1;
+  double size = 0.0;
+
+  if (ws->aug_size == N)
+    return 0;
+  if (N > AUG_MAX_ORDER)
+    return 1;
+  free(ws->aug_k); /* what an earlier failed try left */
+  free(ws->aug_rhs);
+  free(ws->aug_ipiv);
+  free(ws->aug_work);
+  ws->aug_work = NULL;
+  ws->aug_k = imp__dalloc(N * N);
+  ws->aug_rhs = imp__dalloc(N);
+  ws->aug_ipiv = malloc(N * sizeof(int));
+  if (ws->aug_k == NULL || ws->aug_rhs == NULL || ws->aug_ipiv == NULL)
+    return 1;
+  dsytrf_("L", &Ni, ws->aug_k, &Ni, ws->aug_ipiv, &size, &query, &info, 1);
+  ws->aug_lwork = info == 0 && size >= 1.0 ? (int)size : Ni;
+  ws->aug_work = imp__dalloc((size_t)ws->aug_lwork);
+  if (ws->aug_work == NULL)
+    return 1;
+  ws->aug_size = N;
+  return 0;
+}
+
+/* Returns 0, or dsytrf's info where a pivot is exactly 0. */
+static int factor_augmented(ipm_work *ws, const imp__qp_view *d)
+{
+  size_t n = ws->n, m = ws->m, p = ws->p, N = ws->aug_size;
+  int Ni = (int)N, info = 0;
+  double *K = ws->aug_k;
+
+  /* The lower triangle, column by column: Qs's, then A's and G's rows. */
+  memset(K, 0, N * N * sizeof(double));
+  for (size_t j = 0; j < n; j++) {
+    for (size_t i = j; i < n; i++)
+      K[j * N + i] = ws->Qs[i * n + j];
+    for (size_t i = 0; i < p; i++)
+      K[j * N + n + i] = d->A[i * n + j];
+    for (size_t i = 0; i < m; i++)
+      K[j * N + n + p + i] = d->G[i * n + j];
+  }
+  for (size_t i = 0; i < m; i++)
+    K[(n + p + i) * N + n + p + i] = -1.0 / ws->w[i];
+  dsytrf_("L", &Ni, K, &Ni, ws->aug_ipiv, ws->aug_work, &ws->aug_lwork, &info,
+          1);
+  return info;
+}
+
+static void direction_augmented(ipm_work *ws, const imp__qp_view *d,
+                                const double *rd, const double *req,
+                                const double *rin, const double *rc, double *dz,
+                                double *ds, double *dl, double *dnu)
+{
+  size_t n = ws->n, m = ws->m, p = ws->p;
+  int Ni = (int)ws->aug_size, one = 1, info = 0;
+  double *x = ws->aug_rhs;
+
+  for (size_t j = 0; j < n; j++)
+    x[j] = -rd[j];
+  for (size_t i = 0; i < p; i++)
+    x[n + i] = -req[i];
+  for (size_t i = 0; i < m; i++)
+    x[n + p + i] = rc[i] / ws->lam[i] - rin[i];
+  dsytrs_("L", &Ni, &one, ws->aug_k, &Ni, ws->aug_ipiv, x, &Ni, &info, 1);
+  memcpy(dz, x, n * sizeof(double));
+  memcpy(dnu, x + n, p * sizeof(double));
+  memcpy(dl, x + n + p, m * sizeof(double));
+
+  /* ds = -rin - G dz. */
+  for (size_t i = 0; i < m; i++)
+    ds[i] = -rin[i];
+  if (m > 0)
+    cblas_dgemv(CblasRowMajor, CblasNoTrans, (int)m, (int)n, -1.0, d->G, (int)n,
+                dz, 1, 1.0, ds, 1);
+}
+
+/*
  * Factor the reduced matrix K = Qs + G^T W G (+ rho A^T A) and, with
  * equality constraints, the Schur complement S = A K^-1 A^T = M^T M with
  * M = L^-1 A^T; or, on the dual system, H.
@@ -382,6 +474,15 @@ static int factor(ipm_work *ws, const imp__qp_view *d, size_t k)
   size_t n = ws->n, m = ws->m, p = ws->p;
   int ni = (int)n, pi = (int)p;
 
+  /* Where the augmented matrix is singular in rounding (duplicated active
+   * rows, whose W^-1 has gone to 0), the system before it goes on. */
+  if (ws->aug) {
+    if (factor_augmented(ws, d) == 0)
+      return IMP_OK;
+    ws->aug = 0;
+    ws->aug_failed = 1;
+    ws->dual = ws->aug_dual;
+  }
   if (ws->dual && factor_dual(ws) == 0)
     return IMP_OK;
   ws->dual = 0;
@@ -530,7 +631,9 @@ static void direction(ipm_work *ws, const imp__qp_view *d, const double *rd,
                       const double *req, const double *rin, const double *rc,
                       double *dz, double *ds, double *dl, double *dnu)
 {
-  if (ws->dual)
+  if (ws->aug)
+    direction_augmented(ws, d, rd, req, rin, rc, dz, ds, dl, dnu);
+  else if (ws->dual)
     direction_dual(ws, rd, rin, rc, dz, ds, dl);
   else
     direction_primal(ws, d, rd, req, rin, rc, dz, ds, dl, dnu);
@@ -1168,6 +1271,7 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
   memset(res, 0, sizeof *res);
   measure_data(ws, d);
   ws->factored = 0;
+  ws->aug = ws->aug_failed = 0;
   if (ws->dual)
     IMP__TRY(ipm_dual(ws, d, c, k, res, &converged));
   else
@@ -1188,11 +1292,27 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
       break;
 
     /* Near the end of the central path (gap below tol), rounding limits
-     * how far the residuals can fall: stop once the worst of them has not
-     * halved in STALL_LIMIT iterations. */
+     * how far the residuals can fall.  Once the worst of them has not
+     * halved in AUG_STALL_LIMIT iterations, the steps go on with the
+     * augmented system, whose rounding does not carry W's large entries
+     * (see augmented_alloc); the iteration stops once that too has not
+     * halved them in STALL_LIMIT iterations. */
     merit = fmax(res->primal, res->dual);
     stalled = merit < 0.5 * best || res->gap > c->tol ? 0 : stalled + 1;
     best = fmin(best, merit);
+    if (!ws->aug && !ws->aug_failed && stalled >= AUG_STALL_LIMIT &&
+        augmented_alloc(ws) == 0) {
+      imp__log(IMP_LOG_INFO,
+               "qp (sample %zu): rounding stalled the residuals after %zu "
+               "iterations; going on with the augmented system",
+               k, res->iterations);
+      ws->aug = 1;
+      ws->aug_dual = ws->dual;
+      ws->dual = 0;
+      ws->factored = 0;
+      stalled = 0;
+      best = INFINITY;
+    }
     if (stalled >= STALL_LIMIT)
       break;
 
@@ -1249,7 +1369,6 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
                        k, res->iterations);
   }
 
-  res->stalled = stalled >= STALL_LIMIT;
   if (!converged)
     return imp__fail(IMP_ENOCONV,
                      "qp (sample %zu): no convergence in %zu "
@@ -1341,47 +1460,6 @@ static void prepare_dual(ipm_work *ws, const imp__qp_view *d)
               0.0, ws->C, mi);
 }
 
-/*
- * The second try on the dual system, for a QP whose primal iteration
- * stalled (rc, its IMP_ENOCONV, and res).  The normal matrix
- * Q + G^T W G carries W's largest entries, of order 1 / tol, and its
- * rounding sets a floor under the dual residual where Q is near singular
- * or the rows of G differ in scale by orders of magnitude (in
- * tests/test_qp.c, test_random_families, at tol 1e-10: 10 of its 125 QPs
- * with nineq > nz); the dual system forms neither G^T W G nor a product
- * with W's large entries.  It costs nineq x nineq factorizations, which
- * is why it is not the first choice there.  res counts the iterations of
- * both tries.  If the second fails too, its status stands, with both
- * messages.
- */
-static int retry_dual(ipm_work *ws, const imp__qp_view *d,
-                      const imp__qp_config *c, size_t k, double *y,
-                      ipm_result *res, int rc)
-{
-  size_t first = res->iterations;
-  char message[512];
-  const char *colon = strchr(imp_last_error(), ':');
-
-  /* The first message, without its status name. */
-  snprintf(message, sizeof message, "%s",
-           colon != NULL ? colon + 2 : imp_last_error());
-  imp__log(IMP_LOG_INFO,
-           "qp (sample %zu): the primal system stalled; solving again on "
-           "the dual system",
-           k);
-  IMP__TRY(work_enable_dual(ws));
-  prepare_dual(ws, d);
-  ws->dual = 1;
-  rc = ipm(ws, d, c, k, y, res);
-  res->iterations += first;
-  if (rc != IMP_OK) {
-    colon = strchr(imp_last_error(), ':');
-    return imp__fail(rc, "%s; before that, on the primal system: %s",
-                     colon != NULL ? colon + 2 : imp_last_error(), message);
-  }
-  return IMP_OK;
-}
-
 int imp_qp_solve(const imp_qp_dims *dims, size_t nbatch,
                  const imp_qp_data *data, double *y, const imp_qp_options *opt,
                  imp_qp_stats *stats)
@@ -1390,18 +1468,16 @@ int imp_qp_solve(const imp_qp_dims *dims, size_t nbatch,
   imp_qp_stats st = {0};
   ipm_work ws;
   size_t ny;
-  int rc = IMP_OK, dual_first, dual_later;
+  int rc = IMP_OK;
 
   IMP__TRY(imp__qp_check(dims, nbatch, data, "qp_solve"));
   if (y == NULL)
     return imp__fail(IMP_EINVAL, "qp_solve: NULL y");
   ny = imp_qp_ny(dims);
-  dual_first = c.system != IMP_QP_SYSTEM_PRIMAL && dims->neq == 0 &&
-               dims->nineq > 0 &&
-               (c.system == IMP_QP_SYSTEM_DUAL || dims->nineq <= dims->nz);
-  dual_later = c.system == IMP_QP_SYSTEM_AUTO && !dual_first &&
-               dims->neq == 0 && dims->nineq > 0;
-  IMP__TRY(work_alloc(&ws, dims, dual_first));
+  IMP__TRY(work_alloc(
+      &ws, dims,
+      c.system != IMP_QP_SYSTEM_PRIMAL && dims->neq == 0 && dims->nineq > 0 &&
+          (c.system == IMP_QP_SYSTEM_DUAL || dims->nineq <= dims->nz)));
 
   for (size_t k = 0; k < nbatch && rc == IMP_OK; k++) {
     imp__qp_view d = imp__qp_view_of(data, k);
@@ -1414,21 +1490,15 @@ int imp_qp_solve(const imp_qp_dims *dims, size_t nbatch,
     if (rc == IMP_OK && (k == 0 || data->Q_stride != 0 || data->A_stride != 0))
       rc = prepare(&ws, &d, &c, k);
     if (rc == IMP_OK) {
-      int dual = dual_first && ws.q_definite;
+      int dual = ws.dual_possible && ws.q_definite;
 
       if (dual && (k == 0 || data->Q_stride != 0 || data->G_stride != 0))
         prepare_dual(&ws, &d);
       ws.dual = dual;
       st.semidefinite += !ws.q_definite;
       rc = ipm(&ws, &d, &c, k, y + k * ny, &res);
-
-      /* Where rounding stalled the primal system, the dual one, which
-       * forms neither G^T W G nor a product with the large entries of W,
-       * gets a second try: Q definite, no equalities, more inequalities
-       * than variables (see retry_dual). */
-      if (rc == IMP_ENOCONV && res.stalled && dual_later && ws.q_definite)
-        rc = retry_dual(&ws, &d, &c, k, y + k * ny, &res, rc);
       st.dual_system += rc == IMP_OK && ws.dual;
+      st.augmented += rc == IMP_OK && ws.aug;
     }
 
     /* A failing QP's figures count too: they show why it failed. */
