@@ -80,7 +80,8 @@ struct ipm_work {
   double x0_norm;               /* |Q^-1 p|_1 (dual_certify) */
   int factored;                 /* the factors are those of the current W */
   int aug;                      /* this QP's steps use the augmented system */
-  int aug_dual, aug_failed;     /* ws->dual before it; it could not factor */
+  int aug_dual, aug_failed;     /* ws->dual before it; it could not be
+                                   allocated or factored */
   size_t aug_size;              /* its order N = n + p + m, once allocated */
   double *aug_k;                /* N x N: the augmented matrix, its factor */
   double *aug_rhs, *aug_work;   /* N, and dsytrf's workspace */
@@ -1300,18 +1301,20 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
     merit = fmax(res->primal, res->dual);
     stalled = merit < 0.5 * best || res->gap > c->tol ? 0 : stalled + 1;
     best = fmin(best, merit);
-    if (!ws->aug && !ws->aug_failed && stalled >= AUG_STALL_LIMIT &&
-        augmented_alloc(ws) == 0) {
-      imp__log(IMP_LOG_INFO,
-               "qp (sample %zu): rounding stalled the residuals after %zu "
-               "iterations; going on with the augmented system",
-               k, res->iterations);
-      ws->aug = 1;
-      ws->aug_dual = ws->dual;
-      ws->dual = 0;
-      ws->factored = 0;
-      stalled = 0;
-      best = INFINITY;
+    if (!ws->aug && !ws->aug_failed && stalled >= AUG_STALL_LIMIT) {
+      ws->aug_failed = augmented_alloc(ws) != 0;
+      if (!ws->aug_failed) {
+        imp__log(IMP_LOG_INFO,
+                 "qp (sample %zu): rounding stalled the residuals after "
+                 "%zu iterations; going on with the augmented system",
+                 k, res->iterations);
+        ws->aug = 1;
+        ws->aug_dual = ws->dual;
+        ws->dual = 0;
+        ws->factored = 0;
+        stalled = 0;
+        best = INFINITY;
+      }
     }
     if (stalled >= STALL_LIMIT)
       break;
