@@ -7,7 +7,7 @@ writes the problems with imp's solutions.  This script then solves the same
 problems with cvxopt.solvers.qp (Debian's python3-cvxopt) and prints the
 times side by side, with how far the two solutions differ.  Each solution's
 error is measured against imp's at tol 1e-12 (which cvxopt at
-abstol = reltol = feastol = 1e-10 agrees with to about 1e-7 in z), so
+abstol = reltol = feastol = 1e-10 agrees with to 5e-8 in z), so
 that the times can be read at matched accuracy too.
 
 imp runs twice: at its default tolerance (1e-10) and at 1e-7, near
