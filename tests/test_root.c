@@ -768,6 +768,111 @@ START_TEST(no_convergence)
 }
 END_TEST
 
+/* f = (y1^2 + 1e-2, y2 - 1) has no real root: ||f||_1 >= 1e-2.  From
+ * (0.7, 0.2) the hybrid solvers' rejected trial steps and gnewton's
+ * shortened ones fall below step_tol near y1 = 0, where Newton's own step
+ * -f1 / (2 y1) is huge. */
+typedef struct rootless_ctx {
+  int fail_jacobian; /* 1: the jacobian callback fails */
+} rootless_ctx;
+
+static int rootless_residual(void *ctx, const double *x, const double *y,
+                             const double *theta, double *r)
+{
+  (void)ctx;
+  (void)x;
+  (void)theta;
+  r[0] = y[0] * y[0] + 1e-2;
+  r[1] = y[1] - 1.0;
+  return 0;
+}
+
+static int rootless_jacobian(void *ctx, const double *x, const double *y,
+                             const double *theta, double *jac)
+{
+  const rootless_ctx *c = ctx;
+
+  (void)x;
+  (void)theta;
+  if (c != NULL && c->fail_jacobian)
+    return 4;
+  jac[0] = 2.0 * y[0];
+  jac[1] = 0.0;
+  jac[2] = 0.0;
+  jac[3] = 1.0;
+  return 0;
+}
+
+START_TEST(step_test_away_from_a_root)
+{
+  imp_root_solver solver = (imp_root_solver)_i;
+  rootless_ctx c = {0};
+  imp_problem p = {.ny = 2,
+                   .residual = rootless_residual,
+                   .jacobian = rootless_jacobian,
+                   .ctx = &c};
+  imp_root_options opt = {.solver = solver, .step_tol = 1e-4};
+  double y[2] = {0.7, 0.2};
+  imp_root_stats st;
+  int rc;
+
+  /* No solver may call the stall a root; y is left as it was. */
+  rc = imp_root_solve(&p, &opt, NULL, NULL, y, &st);
+  ck_assert_msg(rc == IMP_ENOCONV, "%s: %s: %s", imp_root_solver_name(solver),
+                imp_status_name(rc), imp_last_error());
+  ck_assert_double_ge(st.residual, 1e-2);
+  ck_assert_double_eq(y[0], 0.7);
+  ck_assert_double_eq(y[1], 0.2);
+
+  /* Where the step test passed, the message says why it was not taken. */
+  if (solver == IMP_ROOT_HYBRIDS || solver == IMP_ROOT_HYBRIDSJ ||
+      solver == IMP_ROOT_GNEWTON)
+    ck_assert_ptr_nonnull(strstr(imp_last_error(), "stalled away"));
+
+  /* The hybrid solvers without a Jacobian confirm through the problem's
+   * jacobian when it has one, whose failure is reported, and through
+   * differences of the residual when it has none. */
+  if (solver == IMP_ROOT_HYBRIDS) {
+    c.fail_jacobian = 1;
+    ck_assert_int_eq(imp_root_solve(&p, &opt, NULL, NULL, y, &st),
+                     IMP_ECALLBACK);
+    ck_assert_ptr_nonnull(strstr(imp_last_error(), "jacobian callback"));
+    p.jacobian = NULL;
+    ck_assert_int_eq(imp_root_solve(&p, &opt, NULL, NULL, y, &st), IMP_ENOCONV);
+    ck_assert_ptr_nonnull(strstr(imp_last_error(), "stalled away"));
+    ck_assert_double_eq(y[0], 0.7);
+  }
+}
+END_TEST
+
+/* At a root, Newton confirms the step test, also from differences of the
+ * residual, and the solve stops before the residual test would. */
+START_TEST(step_test_at_a_root)
+{
+  imp_root_solver solver = (imp_root_solver)_i;
+  imp_problem p = pair_problem(NULL, solver == IMP_ROOT_NEWTON);
+  imp_root_options tight = {.solver = IMP_ROOT_HYBRIDSJ, .residual_tol = 1e-14};
+  imp_root_options opt = {
+      .solver = solver, .step_tol = 1e-6, .residual_tol = 1e-300};
+  double y[2] = {0.0, 0.0}, root[2] = {0.0, 0.0};
+  imp_root_stats st;
+
+  /* The root to 1e-14, then the step test alone. */
+  ck_assert_int_eq(imp_root_solve(&p, &tight, pair_x, pair_theta, root, NULL),
+                   IMP_OK);
+  if (solver == IMP_ROOT_HYBRIDS)
+    p.vjp = NULL;
+  ck_assert_msg(imp_root_solve(&p, &opt, pair_x, pair_theta, y, &st) == IMP_OK,
+                "%s: %s", imp_root_solver_name(solver), imp_last_error());
+
+  /* Newton moved each unknown by less than 1e-6 (1 + |y_i|), and the
+   * Jacobian there has condition number below 10, so y is within about
+   * 1e-5 of the root. */
+  ck_assert_double_eq_tol(y[0], root[0], 1e-5);
+  ck_assert_double_eq_tol(y[1], root[1], 1e-5);
+}
+END_TEST
+
 /* ------------------------------------------------------------------ */
 /* Singular roots. */
 
@@ -953,6 +1058,158 @@ START_TEST(regularity_check_on_mgh)
 }
 END_TEST
 
+/* A regular root whose unknowns differ in scale by S^2:
+ *     u = y1 / S, v = y2 S,
+ *     f1 = u + v - 2 - theta,  f2 = u v - 1 + 0.1 (v^3 - 1).
+ * In (u, v) the Jacobian [[1, 1], [v, u + 0.3 v^2]] is well conditioned at
+ * the root, the same for every S; only the units of y change. */
+static int scaled_residual(void *ctx, const double *x, const double *y,
+                           const double *theta, double *r)
+{
+  double s = *(const double *)ctx, u = y[0] / s, v = y[1] * s;
+
+  (void)x;
+  r[0] = u + v - 2.0 - theta[0];
+  r[1] = u * v - 1.0 + 0.1 * (v * v * v - 1.0);
+  return 0;
+}
+
+static int scaled_jacobian(void *ctx, const double *x, const double *y,
+                           const double *theta, double *jac)
+{
+  double s = *(const double *)ctx, u = y[0] / s, v = y[1] * s;
+
+  (void)x;
+  (void)theta;
+  jac[0] = 1.0 / s;
+  jac[1] = s;
+  jac[2] = v / s;
+  jac[3] = (u + 0.3 * v * v) * s;
+  return 0;
+}
+
+static int scaled_vjp(void *ctx, const double *x, const double *y,
+                      const double *theta, const double *w, double *vjp_y,
+                      double *vjp_x, double *vjp_theta)
+{
+  double jac[4];
+
+  (void)vjp_x;
+  scaled_jacobian(ctx, x, y, theta, jac);
+  if (vjp_y != NULL) {
+    vjp_y[0] = jac[0] * w[0] + jac[2] * w[1];
+    vjp_y[1] = jac[1] * w[0] + jac[3] * w[1];
+  }
+  if (vjp_theta != NULL)
+    vjp_theta[0] -= w[0];
+  return 0;
+}
+
+/* L(theta) = y2 through a layer. */
+static int scaled_objective(void *ctx, const double *theta, double *value)
+{
+  imp_layer *layer = ctx;
+  imp_shape in = {1, 0, 1, 1};
+  double x = 0.0, y[2];
+  int rc;
+
+  imp_layer_params(layer)[0] = theta[0];
+  rc = imp_layer_forward(layer, &in, &x, y);
+  if (rc != IMP_OK)
+    return rc;
+  *value = y[1];
+  return 0;
+}
+
+START_TEST(regularity_check_ignores_units)
+{
+  static const double scales[3] = {1.0, 1e3, 1e6};
+  double s = scales[_i], theta = 0.0, x = 0.0, tbar, y[2], ybar[2] = {0, 1};
+  double initial[2] = {0.8 * s, 1.3 / s}, u, v, exact;
+  imp_problem p = {.ny = 2,
+                   .ntheta = 1,
+                   .residual = scaled_residual,
+                   .jacobian = scaled_jacobian,
+                   .vjp = scaled_vjp,
+                   .ctx = &s};
+  /* kappa(J) grows like S^2, to 9e12 at S = 1e6: the adjoint's own limit
+   * is raised so that only the regularity check is under test. */
+  imp_root_options opt = {.solver = IMP_ROOT_HYBRIDSJ,
+                          .residual_tol = 1e-12,
+                          .initial = initial,
+                          .adjoint = {.max_cond = 1e30}};
+  imp_shape in = {1, 0, 1, 1};
+  imp_gradcheck_result res;
+  imp_layer *layer;
+
+  /* The check passes, and the gradient is d(v / S)/dtheta = -v / (S det)
+   * with det = u + 0.3 v^2 - v, the determinant in (u, v). */
+  memcpy(y, initial, sizeof y);
+  ck_assert_int_eq(imp_root_solve(&p, &opt, NULL, &theta, y, NULL), IMP_OK);
+  tbar = 0.0;
+  ck_assert_msg(imp_root_backward(&p, &opt, NULL, &theta, y, ybar, NULL, &tbar,
+                                  NULL) == IMP_OK,
+                "S = %g: %s", s, imp_last_error());
+  u = y[0] / s;
+  v = y[1] * s;
+  exact = -v / (u + 0.3 * v * v - v) / s;
+  ck_assert_double_eq_tol(tbar, exact, 1e-9 * fabs(exact));
+
+  /* Through a layer, against finite differences (fourth order, relative
+   * error 1e-6; the forward is accurate to 1e-12 in f). */
+  ck_assert_int_eq(imp_root_layer_create(&p, &theta, &opt, "scaled", &layer),
+                   IMP_OK);
+  ck_assert_int_eq(imp_layer_forward(layer, &in, &x, y), IMP_OK);
+  imp_layer_zero_grad(layer);
+  ck_assert_int_eq(imp_layer_backward(layer, NULL, ybar, &in, &x, y), IMP_OK);
+  tbar = imp_layer_grads(layer)[0];
+  ck_assert_int_eq(
+      imp_gradcheck(scaled_objective, layer, &theta, 1, &tbar, NULL, &res),
+      IMP_OK);
+  ck_assert_msg(res.max_rel_err < 1e-6, "S = %g: analytic %.10g numeric %.10g",
+                s, res.analytic, res.numeric);
+  imp_layer_free(layer);
+}
+END_TEST
+
+/* A forward that imp_layer_forward refuses before the layer runs leaves
+ * y and the statistics of the previous forward; one that fails inside the
+ * layer replaces both. */
+START_TEST(refused_forward_keeps_stats)
+{
+  imp_problem p = {.nx = 1, .ny = 1, .residual = cube, .vjp = cube_vjp};
+  double one = 1.0, x[2] = {8.0, 27.0}, bad[2] = {8.0, NAN}, y[2], kept[2];
+  imp_root_options opt = {.solver = IMP_ROOT_NEWTON, .initial = &one};
+  imp_shape in = {2, 1, 1, 1}, wrong = {2, 3, 1, 1};
+  imp_root_stats before, after;
+  imp_layer *layer;
+
+  ck_assert_int_eq(imp_root_layer_create(&p, NULL, &opt, NULL, &layer), IMP_OK);
+  ck_assert_int_eq(imp_layer_forward(layer, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_root_layer_stats(layer, &before), IMP_OK);
+  ck_assert_uint_eq(before.samples, 2);
+  memcpy(kept, y, sizeof y);
+
+  /* Refused: NaN input, wrong shape. */
+  ck_assert_int_eq(imp_layer_forward(layer, &in, bad, y), IMP_ENONFINITE);
+  ck_assert_int_eq(imp_layer_forward(layer, &wrong, x, y), IMP_ESHAPE);
+  ck_assert_int_eq(imp_root_layer_stats(layer, &after), IMP_OK);
+  ck_assert_mem_eq(&after, &before, sizeof before);
+  ck_assert_mem_eq(y, kept, sizeof y);
+  imp_layer_free(layer);
+
+  /* Failed inside the layer: two iterations are not enough. */
+  opt.max_iter = 2;
+  ck_assert_int_eq(imp_root_layer_create(&p, NULL, &opt, NULL, &layer), IMP_OK);
+  ck_assert_int_eq(imp_layer_forward(layer, &in, x, y), IMP_ENOCONV);
+  ck_assert_int_eq(imp_root_layer_stats(layer, &after), IMP_OK);
+  ck_assert_uint_eq(after.samples, 1);
+  ck_assert_uint_eq(after.iterations, 2);
+  ck_assert(isnan(y[0]) && isnan(y[1]));
+  imp_layer_free(layer);
+}
+END_TEST
+
 /* ------------------------------------------------------------------ */
 /* GSL's error handler: off inside imp, the caller's own afterwards. */
 
@@ -1027,8 +1284,12 @@ static Suite *root_suite(void)
   tcase_add_test(tc, bad_input);
   tcase_add_loop_test(tc, callback_failures, 0, IMP_ROOT_NSOLVERS);
   tcase_add_test(tc, no_convergence);
+  tcase_add_loop_test(tc, step_test_away_from_a_root, 0, IMP_ROOT_NSOLVERS);
+  tcase_add_loop_test(tc, step_test_at_a_root, 0, IMP_ROOT_NSOLVERS);
   tcase_add_loop_test(tc, singular_roots, 0, 2);
   tcase_add_test(tc, regularity_check_on_mgh);
+  tcase_add_loop_test(tc, regularity_check_ignores_units, 0, 3);
+  tcase_add_test(tc, refused_forward_keeps_stats);
   tcase_add_test(tc, gsl_handler_restored);
   suite_add_tcase(s, tc);
   return s;

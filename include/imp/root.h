@@ -28,24 +28,42 @@
  *
  * Convergence: a sample has converged when sum_i |f_i| < residual_tol
  * (GSL's gsl_multiroot_test_residual), tested at the start and after each
- * iteration; with step_tol > 0, also when every step satisfies
- * |dy_i| < step_tol (1 + |y_i|) (gsl_multiroot_test_delta).  A sample
- * that misses both within max_iter iterations, or whose solver stops
- * making progress, fails with IMP_ENOCONV and the residual in the message:
- * a root layer never returns an unconverged result as if it were a root.
+ * iteration.  With step_tol > 0 it has also converged when the last step
+ * has |dy_i| < step_tol (1 + |y_i|) (gsl_multiroot_test_delta) and a full
+ * Newton step from the iterate, J d = -f with J = df/dy there, has
+ * |d_i| < step_tol (1 + |y_i|) too.  A short step alone proves nothing:
+ * the hybrid solvers report their trial step even when the trust region
+ * rejected it, and gnewton shortens its steps wherever ||f|| stops
+ * falling, root or not; a short Newton step places a root about that
+ * far away when J changes slowly (Kantorovich's theorem).  J comes from
+ * the problem's jacobian, jvp or vjp, or from forward differences of the
+ * residual if it has none, and costs one Jacobian and one LU
+ * factorization each time the step test passes but the residual test
+ * does not; a singular J confirms nothing, and an unconfirmed step test
+ * lets the iteration go on.  A sample that misses the tests within
+ * max_iter iterations, or whose solver stops making progress, fails with
+ * IMP_ENOCONV and the residual in the message, which also says when the
+ * steps stalled away from a root: a root layer never returns an
+ * unconverged result as if it were a root.
  *
  * Backward first checks that the root is regular to the accuracy of the
  * forward solve, because the computed root y is only a root of f - f(y):
  * at a singular root such as f(y) = y^2, whose computed root y ~ sqrt(tol)
  * has the perfectly conditioned 1 x 1 Jacobian 2y, the gradient would be
  * huge and meaningless.  With s = J^-1 f(y) scaled up to the tolerance
- * (the Newton correction that the solve could not resolve) and
- * D = J(y - s) - J(y), the Jacobian on the segment y - t s, 0 <= t <= 4,
- * has condition number at most kappa(J) (1 + 4w) / (1 - 4w), where
- * w = ||J^-1 D||_inf (a Kantorovich-style bound).  If 4w >= 1 or that bound
- * exceeds the adjoint's max_cond, backward fails with IMP_ESINGULAR and
- * the condition number in the message.  The check assembles two dense
- * Jacobians; it runs when ny <= IMP_ROOT_CHECK_MAX and can be turned off.
+ * (the Newton correction that the solve could not resolve),
+ * D = J(y - s) - J(y) and C = diag(||J e_j||_2), the norms of J's
+ * columns, the column-equilibrated Jacobian (J + t D) C^-1 on the segment
+ * y - t s, 0 <= t <= 4, has condition number at most
+ * kappa(J C^-1) (1 + 4w) / (1 - 4w), where w = ||C J^-1 D C^-1||_inf (a
+ * Kantorovich-style bound).  Equilibrating makes the check independent of
+ * the units of y: under y = S z the plain ||J^-1 D||_inf becomes
+ * ||S (J_z^-1 D_z) S^-1||_inf, which grows with the spread of S, while C
+ * scales with S and cancels.  If kappa(J), the matrix the adjoint solves
+ * with, exceeds the adjoint's max_cond, or 4w >= 1, or the bound exceeds
+ * max_cond, backward fails with IMP_ESINGULAR and the condition number in
+ * the message.  The check assembles two dense Jacobians; it runs when
+ * ny <= IMP_ROOT_CHECK_MAX and can be turned off.
  *
  * Statuses: IMP_ENOCONV (budget spent or no progress), IMP_ESINGULAR (a
  * Newton solver met a singular Jacobian, or backward a singular root),
@@ -140,9 +158,10 @@ typedef struct imp_root_options {
   imp_root_solver solver;      /**< default IMP_ROOT_HYBRIDS */
   double residual_tol;         /**< converged when sum_i |f_i| < residual_tol;
                                default 1e-10 */
-  double step_tol;             /**< > 0: also converged when every step has
-                               |dy_i| < step_tol (1 + |y_i|); default 0,
-                               off */
+  double step_tol;             /**< > 0: also converged when the last step
+                               and a full Newton step from the iterate
+                               both have |dy_i| < step_tol (1 + |y_i|);
+                               default 0, off */
   size_t max_iter;             /**< iterations per sample; default 1000 */
   const double *initial;       /**< the layer's initial guess, ny doubles,
                                copied at creation; NULL means zeros.
@@ -207,18 +226,24 @@ int imp_root_backward(const imp_problem *problem, const imp_root_options *opt,
  * or a Jacobian solver on a problem without jacobian, jvp or vjp;
  * IMP_ENONFINITE for NaN or Inf in theta or initial; IMP_ENOMEM.
  *
- * Forward solves the samples in order and stops at the first failure,
- * whose status it returns with the sample's index in the message; y is
- * then filled with NaN, so that a caller who ignores the status cannot
- * take it for a root.  Backward calls imp_root_backward on each sample
- * and adds to xbar and the layer's gradients only once all succeeded.
+ * imp_layer_forward first checks the shape and looks for NaN or Inf in x
+ * and theta; a forward it refuses returns before the layer runs and
+ * leaves y, and the layer's statistics, as they were.  A forward that
+ * reaches the layer solves the samples in order and stops at the first
+ * failure, whose status it returns with the sample's index in the
+ * message; y is then filled with NaN, so that a caller who ignores the
+ * status cannot take it for a root.  Backward calls imp_root_backward on
+ * each sample and adds to xbar and the layer's gradients only once all
+ * succeeded.
  */
 int imp_root_layer_create(const imp_problem *problem, const double *theta,
                           const imp_root_options *opt, const char *name,
                           imp_layer **out);
 
-/** The statistics of the layer's most recent forward, successful or not.
- *  Returns IMP_EINVAL if layer is not a root layer. */
+/** The statistics of the most recent forward that reached the layer,
+ *  successful or not; a forward that imp_layer_forward's own checks
+ *  refused (NULL arguments, shape, NaN or Inf in x or theta) leaves them
+ *  as they were.  Returns IMP_EINVAL if layer is not a root layer. */
 int imp_root_layer_stats(const imp_layer *layer, imp_root_stats *stats);
 
 /** Forget the warm-start solutions, so that the next forward starts every

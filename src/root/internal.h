@@ -35,10 +35,14 @@ typedef struct imp__root_work {
   gsl_multiroot_fdfsolver *fdfsolver;
   gsl_multiroot_function function;
   gsl_multiroot_function_fdf function_fdf;
-  gsl_vector *start; /* ny, the initial guess handed to GSL */
-  double *y_copy;    /* ny, for a strided iterate */
-  double *r_copy;    /* ny, for a strided residual */
-  double *jac;       /* ny x ny, for a padded GSL matrix */
+  gsl_vector *start;      /* ny, the initial guess handed to GSL */
+  double *y_copy;         /* ny, for a strided iterate */
+  double *r_copy;         /* ny, for a strided residual */
+  double *jac;            /* ny x ny, for a padded GSL matrix */
+  gsl_matrix *newton_jac; /* ny x ny, J for confirming the step test; these
+                             three only with step_tol > 0 */
+  double *newton_step;    /* ny, the Newton step -J^-1 f */
+  int *newton_pivots;     /* ny, the pivots of J's LU factors */
   const double *x;
   const double *theta;
   size_t residual_evals;

@@ -3,6 +3,7 @@
  * wrappers that GSL calls, the iteration with its convergence tests, and
  * the translation of GSL's outcomes into imp statuses.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -13,6 +14,7 @@
 #include <gsl/gsl_multiroots.h>
 
 #include "core/internal.h"
+#include "core/lapack.h"
 #include "root/internal.h"
 
 int imp__root_rewrap(int rc, const char *prefix)
@@ -189,13 +191,19 @@ void imp__root_work_free(imp__root_work *w)
     gsl_multiroot_fdfsolver_free(w->fdfsolver);
   if (w->start != NULL)
     gsl_vector_free(w->start);
+  if (w->newton_jac != NULL)
+    gsl_matrix_free(w->newton_jac);
   free(w->y_copy);
   free(w->r_copy);
   free(w->jac);
+  free(w->newton_step);
+  free(w->newton_pivots);
   w->fsolver = NULL;
   w->fdfsolver = NULL;
   w->start = NULL;
-  w->y_copy = w->r_copy = w->jac = NULL;
+  w->newton_jac = NULL;
+  w->y_copy = w->r_copy = w->jac = w->newton_step = NULL;
+  w->newton_pivots = NULL;
 }
 
 int imp__root_work_init(imp__root_work *w)
@@ -204,6 +212,7 @@ int imp__root_work_init(imp__root_work *w)
   const gsl_multiroot_fsolver_type *ftype;
   const gsl_multiroot_fdfsolver_type *fdftype;
   gsl_error_handler_t *previous;
+  int newton_check = w->cfg.step_tol > 0.0;
 
   w->function.f = gsl_residual;
   w->function.n = n;
@@ -223,15 +232,23 @@ int imp__root_work_init(imp__root_work *w)
   else
     w->fsolver = gsl_multiroot_fsolver_alloc(ftype, n);
   w->start = gsl_vector_alloc(n);
+  if (newton_check && n <= (size_t)INT_MAX && n <= SIZE_MAX / n)
+    w->newton_jac = gsl_matrix_alloc(n, n);
   gsl_set_error_handler(previous);
 
   w->y_copy = imp__dalloc(n);
   w->r_copy = imp__dalloc(n);
   if (fdftype != NULL && n <= SIZE_MAX / n)
     w->jac = imp__dalloc(n * n);
+  if (newton_check) {
+    w->newton_step = imp__dalloc(n);
+    w->newton_pivots = malloc(n * sizeof(int));
+  }
   if ((w->fsolver == NULL && w->fdfsolver == NULL) || w->start == NULL ||
       w->y_copy == NULL || w->r_copy == NULL ||
-      (fdftype != NULL && w->jac == NULL)) {
+      (fdftype != NULL && w->jac == NULL) ||
+      (newton_check && (w->newton_jac == NULL || w->newton_step == NULL ||
+                        w->newton_pivots == NULL))) {
     imp__root_work_free(w);
     return imp__fail(IMP_ENOMEM, "root (%s): workspace for %zu unknowns",
                      imp_root_solver_name(w->cfg.solver), n);
@@ -295,13 +312,88 @@ static int translate(const imp__root_work *w, int status, size_t iter,
   }
 }
 
+/*
+ * The step test alone cannot tell a root from a stall: GSL's dx holds the
+ * hybrid solvers' trial step even when the trust region rejected it, and
+ * gnewton shrinks its steps wherever ||f||_2 stops falling, root or not.
+ * A full Newton step from the iterate, J d = -f, can tell them apart: the
+ * step test is confirmed only if Newton itself would move every unknown
+ * by less than the tolerance, |d_i| < step_tol (1 + |y_i|).  J comes from
+ * the problem's jacobian, jvp or vjp when it has one, and otherwise from
+ * forward differences of the residual, as the solvers that need no
+ * Jacobian form it (GSL's differences report a zero column as GSL_ESING).
+ * A singular J confirms nothing.  Returns 1 if confirmed; *excess receives
+ * max_i |d_i| / (step_tol (1 + |y_i|)).  A callback failure, or a lack of
+ * memory, is left in w->failure.
+ */
+static int newton_confirms(imp__root_work *w, const gsl_vector *root,
+                           const gsl_vector *f, double *excess)
+{
+  const imp_problem *p = &w->problem;
+  int n = (int)p->ny, one = 1, info = 0, status;
+  double *lu = w->newton_jac->data, *d = w->newton_step, worst = 0.0;
+
+  /* J at the iterate, row-major, which LAPACK reads as J^T. */
+  *excess = INFINITY;
+  if (p->jacobian != NULL || p->jvp != NULL || p->vjp != NULL)
+    status = gsl_jacobian(root, w, w->newton_jac);
+  else
+    status = gsl_multiroot_fdjacobian(&w->function, root, f,
+                                      GSL_SQRT_DBL_EPSILON, w->newton_jac);
+  if (status == GSL_ENOMEM && w->failure == IMP_OK)
+    w->failure = imp__fail(IMP_ENOMEM, "the finite-difference Jacobian that "
+                                       "confirms the step test");
+  if (w->failure != IMP_OK || status != GSL_SUCCESS)
+    return 0;
+
+  /* d = -J^-1 f from the LU factors of J^T, solved transposed. */
+  for (int i = 0; i < n; i++)
+    d[i] = -gsl_vector_get(f, (size_t)i);
+  dgetrf_(&n, &n, lu, &n, w->newton_pivots, &info);
+  if (info != 0)
+    return 0;
+  dgetrs_("T", &n, &one, lu, &n, w->newton_pivots, d, &n, &info, 1);
+
+  /* The largest step relative to its tolerance; NaN confirms nothing. */
+  for (int i = 0; i < n; i++) {
+    double yi = gsl_vector_get(root, (size_t)i);
+    double ratio = fabs(d[i]) / (w->cfg.step_tol * (1.0 + fabs(yi)));
+
+    if (!(ratio <= worst))
+      worst = ratio;
+  }
+  *excess = worst;
+  return worst < 1.0;
+}
+
+/* Add to an IMP_ENOCONV message that the step test passed away from a
+ * root, so that the user does not look for a loose step_tol. */
+static int stalled(const imp__root_work *w, size_t stalls, double excess)
+{
+  char inner[512];
+  const char *text = inner;
+  const char *status_name = imp_status_name(IMP_ENOCONV);
+  size_t len = strlen(status_name);
+
+  snprintf(inner, sizeof inner, "%s", imp_last_error());
+  if (strncmp(inner, status_name, len) == 0 && inner[len] == ':' &&
+      inner[len + 1] == ' ')
+    text = inner + len + 2;
+  return imp__fail(IMP_ENOCONV,
+                   "%s; the steps stalled away from a root: they passed "
+                   "the step test (step_tol %.3g) %zu times, but a full "
+                   "Newton step would have moved %.3g times the tolerance",
+                   text, w->cfg.step_tol, stalls, excess);
+}
+
 int imp__root_work_solve(imp__root_work *w, const double *x,
                          const double *theta, double *y,
                          imp__root_sample *sample)
 {
-  size_t n = w->problem.ny, iter = 0;
+  size_t n = w->problem.ny, iter = 0, stalls = 0;
   gsl_vector *root, *f, *dx;
   int status, rc = IMP_OK, converged = 0;
+  double excess = INFINITY;
 
   w->x = x;
   w->theta = theta;
@@ -328,7 +420,8 @@ int imp__root_work_solve(imp__root_work *w, const double *x,
   else
     converged = residual_l1(f) < w->cfg.residual_tol;
 
-  /* Iterate until the residual test, or the optional step test, passes. */
+  /* Iterate until the residual test, or the optional step test, passes;
+   * a passed step test counts only if a Newton step confirms it. */
   while (rc == IMP_OK && !converged && iter < w->cfg.max_iter) {
     if (w->fdfsolver != NULL)
       status = gsl_multiroot_fdfsolver_iterate(w->fdfsolver);
@@ -346,10 +439,17 @@ int imp__root_work_solve(imp__root_work *w, const double *x,
                      imp_root_solver_name(w->cfg.solver), iter);
       break;
     }
-    converged = residual_l1(f) < w->cfg.residual_tol ||
-                (w->cfg.step_tol > 0.0 &&
-                 gsl_multiroot_test_delta(dx, root, w->cfg.step_tol,
-                                          w->cfg.step_tol) == GSL_SUCCESS);
+    converged = residual_l1(f) < w->cfg.residual_tol;
+    if (!converged && w->cfg.step_tol > 0.0 &&
+        gsl_multiroot_test_delta(dx, root, w->cfg.step_tol, w->cfg.step_tol) ==
+            GSL_SUCCESS) {
+      converged = newton_confirms(w, root, f, &excess);
+      if (w->failure != IMP_OK) {
+        rc = translate(w, GSL_EBADFUNC, iter, residual_l1(f));
+        break;
+      }
+      stalls += !converged;
+    }
   }
 
   /* Report, and hand back the root only if there is one. */
@@ -363,6 +463,8 @@ int imp__root_work_solve(imp__root_work *w, const double *x,
                    "iterations: residual sum|f_i| = %.3g, tolerance %.3g",
                    imp_root_solver_name(w->cfg.solver), iter, sample->residual,
                    w->cfg.residual_tol);
+  if (rc == IMP_ENOCONV && stalls > 0)
+    rc = stalled(w, stalls, excess);
   if (rc == IMP_OK)
     memcpy(y, root->data, n * sizeof(double));
   return rc;
