@@ -7,7 +7,7 @@ double precision.  Both sides run the same solver with the same settings:
 Anderson acceleration with memory 5 from z = 0, stopping when every
 sample's relative residual ||h(z) - z|| / ||h(z)|| is at most 1e-6 (at most
 100 iterations), the mixing weights from the regularized Gram system
-(F^T F + 1e-10 max(diag) I) y = 1, alpha = y / sum(y); the implicit
+(F^T F + 1e-10 diag(F^T F)) y = 1, alpha = y / sum(y); the implicit
 backward is the adjoint fixed point u = (dh/dz)^T u + ybar by the same
 Anderson.  In PyTorch the solver is batched (one torch.linalg.solve for the
 batch's small mixing systems per iteration) and the backward is a
@@ -104,8 +104,8 @@ def anderson(g_of, z, stats, m=MEMORY, rtol=RTOL, max_iter=MAX_ITER):
             continue
         fk = f_hist[:, :kk]
         gram = torch.bmm(fk, fk.transpose(1, 2))
-        scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1)
-        gram = gram + (RIDGE * scale)[:, None, None] * torch.eye(kk)
+        gram = gram + RIDGE * torch.diag_embed(
+            gram.diagonal(dim1=1, dim2=2))
         y = torch.linalg.solve(gram, ones[:, :kk])
         alpha = y / y.sum(dim=1, keepdim=True)
         z = torch.bmm(alpha.transpose(1, 2), g_hist[:, :kk]).squeeze(1)

@@ -5,19 +5,31 @@
  * With the last k <= m iterates z_i, images g_i and residuals
  * f_i = g_i - z_i, the weights alpha solve
  *
- *     min || sum_i alpha_i f_i ||^2 + lambda ||alpha||^2,  sum_i alpha_i = 1,
+ *     min || sum_i alpha_i f_i ||^2 + lambda sum_i alpha_i^2 ||f_i||^2
+ *     subject to sum_i alpha_i = 1,
  *
- * that is (F^T F + lambda I) y = 1, alpha = y / (1^T y), and the next
- * iterate is
+ * that is (F^T F + lambda D) y = 1 with D = diag(F^T F), alpha = y / (1^T y),
+ * and the next iterate is
  *
  *     z+ = beta sum_i alpha_i g_i + (1 - beta) sum_i alpha_i z_i.
  *
- * lambda is scaled by the largest diagonal entry of F^T F so that the ridge
- * does not depend on the units of z.  If the Cholesky factorization fails
+ * The ridge is scaled column by column, by each residual's own squared
+ * norm, so that lambda is a relative size that does not depend on the
+ * units of z nor on how far apart the residuals in the window are.  Near
+ * convergence they span many decades, and a single scale fails one way or
+ * the other: scaled by the largest (oldest) residual the ridge swamps the
+ * newest ones, which then get nearly equal weights whatever their angles,
+ * so that a longer memory converges more slowly; scaled by the smallest it
+ * leaves the large, nearly parallel old residuals unregularized, and the
+ * factorization fails.  With D the system is a diagonal rescaling of the
+ * residuals' matrix of cosines plus lambda I, whose condition number is at
+ * most about k / lambda however spread the residuals are, and Cholesky's
+ * accuracy does not depend on the rescaling.  If the factorization fails
  * or the weights are not finite, the step falls back to damped Picard and
  * the fallback is counted.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -51,12 +63,32 @@ static void anderson_free(void *state)
   free(a);
 }
 
+/* 1 if a x b x c doubles can be counted in bytes without overflow. */
+static int doubles_fit(size_t a, size_t b, size_t c)
+{
+  size_t limit = SIZE_MAX / sizeof(double);
+
+  if (a == 0 || b == 0 || c == 0)
+    return 1;
+  return b <= limit / a && c <= limit / a / b;
+}
+
 static int anderson_alloc(void **state, size_t n, size_t d,
                           const imp_fp_options *opt)
 {
-  anderson *a = calloc(1, sizeof *a);
+  anderson *a;
   size_t m = opt->memory;
 
+  /* The history's sizes are checked before they are multiplied: a huge
+   * memory would otherwise wrap to a small block that the pushes overrun.
+   * Bounding n m^2 also keeps k within LAPACK's int. */
+  if (!doubles_fit(n, m, d) || !doubles_fit(n, m, m))
+    return imp__fail(IMP_ENOMEM,
+                     "anderson: memory %zu is too large for %zu samples of "
+                     "%zu values: the history (n x m x d and n x m x m "
+                     "doubles) overflows size_t",
+                     m, n, d);
+  a = calloc(1, sizeof *a);
   if (a == NULL)
     return imp__fail(IMP_ENOMEM, "anderson state");
   a->n = n;
@@ -99,18 +131,22 @@ static void update_dots(anderson *a, size_t b, size_t slot, size_t k)
 static int mixing_weights(anderson *a, size_t b, size_t k)
 {
   const double *dots = a->dots + b * a->m * a->m;
-  double scale = 0.0, sum = 0.0;
+  double sum = 0.0;
   int kk = (int)k, one = 1, info = 0;
 
   for (size_t i = 0; i < k; i++)
     for (size_t j = 0; j < k; j++)
       a->gram[i * k + j] = dots[i * a->m + j];
-  for (size_t i = 0; i < k; i++)
-    scale = fmax(scale, a->gram[i * k + i]);
-  if (!(scale > 0.0) || !isfinite(scale))
-    return 0;
+
+  /* Each diagonal entry gets the ridge relative to itself (see the top of
+   * the file).  A zero or overflowed residual norm leaves no sound scale:
+   * fall back. */
   for (size_t i = 0; i < k; i++) {
-    a->gram[i * k + i] += a->ridge * scale;
+    double fi2 = a->gram[i * k + i];
+
+    if (!(fi2 > 0.0) || !isfinite(fi2))
+      return 0;
+    a->gram[i * k + i] = fi2 + a->ridge * fi2;
     a->alpha[i] = 1.0;
   }
 

@@ -9,11 +9,13 @@
  *
  *     H <- H + (s - H y) (s^T H) / (s^T H y)
  *
- * appends u = (s - H y) / (s^T H y) and v = H^T s.  With m updates stored,
- * or a denominator that vanishes, the memory restarts from -I; a vanishing
- * denominator counts as a fallback.
+ * appends u = (s - H y) / (s^T H y) and v = H^T s.  With m updates stored
+ * the memory restarts from -I, and the step's update, computed with -I,
+ * becomes the first of the new memory.  A denominator that vanishes
+ * empties the memory and counts as a fallback.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -48,12 +50,30 @@ static void broyden_free(void *state)
   free(b);
 }
 
+/* 1 if a x b x c doubles can be counted in bytes without overflow. */
+static int doubles_fit(size_t a, size_t b, size_t c)
+{
+  size_t limit = SIZE_MAX / sizeof(double);
+
+  if (a == 0 || b == 0 || c == 0)
+    return 1;
+  return b <= limit / a && c <= limit / a / b;
+}
+
 static int broyden_alloc(void **state, size_t n, size_t d,
                          const imp_fp_options *opt)
 {
-  broyden *b = calloc(1, sizeof *b);
+  broyden *b;
   size_t m = opt->memory;
 
+  /* The memory's size is checked before it is multiplied: a huge memory
+   * would otherwise wrap to a small block that the updates overrun. */
+  if (!doubles_fit(n, m, d))
+    return imp__fail(IMP_ENOMEM,
+                     "broyden: memory %zu is too large for %zu samples of "
+                     "%zu values: n x m x d doubles overflow size_t",
+                     m, n, d);
+  b = calloc(1, sizeof *b);
   if (b == NULL)
     return imp__fail(IMP_ENOMEM, "broyden state");
   b->n = n;
@@ -109,6 +129,11 @@ static void broyden_rank_one(broyden *b, size_t s, const double *z,
     zp[i] = z[i] - zp[i];
     fp[i] = b->f[i] - fp[i];
   }
+
+  /* A full memory restarts from H = -I before H is used: u and v must both
+   * come from the H they update, or H+ y = s fails after each restart. */
+  if (b->rank[s] == b->m)
+    b->rank[s] = 0;
   apply_inverse(b, s, fp, b->hy, 0);
   denom = imp__dot(d, zp, b->hy);
   if (!(fabs(denom) > 1e-12 * imp__nrm2(d, zp) * imp__nrm2(d, b->hy))) {
@@ -116,8 +141,6 @@ static void broyden_rank_one(broyden *b, size_t s, const double *z,
     (*fallbacks)++;
     return;
   }
-  if (b->rank[s] == b->m)
-    b->rank[s] = 0;
 
   apply_inverse(b, s, zp, b->sv, 1);
   u = b->u + (s * b->m + b->rank[s]) * d;
