@@ -1,7 +1,8 @@
 /*
  * test_deq.c - fixed-point solvers and DEQ layers: gradients of every
  * backward mode against finite differences, solver efficiency, failure to
- * converge, and bad input.
+ * converge, a sample gone NaN, budgets and the defaults derived from them,
+ * and bad input.
  */
 #include <check.h>
 #include <math.h>
@@ -641,6 +642,322 @@ START_TEST(deq_from_layers_agrees_with_callbacks)
 }
 END_TEST
 
+/* ------------------------------------------------------------------ */
+/* Per-sample failure, budgets and options. */
+
+/* h(x, z) = 0.5 z + x per sample, fixed point z* = 2x.  The sample of
+ * batch index bad[k] returns NaN from its at[k]-th evaluation on, each
+ * sample's evaluations counted on their own. */
+typedef struct spoiled {
+  double x[4];
+  int calls[4];
+  size_t bad[2];
+  int at[2];
+} spoiled;
+
+static int spoiled_map(void *ctx, const imp_shape *xs, const double *x,
+                       const imp_shape *zs, const double *z,
+                       const double *theta, double *out)
+{
+  spoiled *s = ctx;
+
+  (void)xs, (void)theta;
+  for (size_t r = 0; r < zs->n; r++) {
+    out[r] = 0.5 * z[r] + x[r];
+
+    /* The packed row r is the sample whose x it carries. */
+    for (size_t b = 0; b < 4; b++) {
+      if (x[r] != s->x[b])
+        continue;
+      s->calls[b]++;
+      for (int k = 0; k < 2; k++)
+        if (b == s->bad[k] && s->calls[b] >= s->at[k])
+          out[r] = NAN;
+    }
+  }
+  return 0;
+}
+
+START_TEST(nonfinite_sample_is_dropped_and_named)
+{
+  const imp_fp_type *solvers[3] = {imp_fp_picard, imp_fp_anderson,
+                                   imp_fp_broyden};
+  imp_shape in = {4, 1, 1, 1};
+
+  for (int s = 0; s < 3; s++) {
+    spoiled ctx = {.x = {1, 2, 3, 4}, .bad = {2, 2}, .at = {3, 3}};
+    imp_deq_map map = {
+        .x_channels = 1, .z_channels = 1, .map = spoiled_map, .ctx = &ctx};
+    imp_deq_options opt = {.solver = solvers[s],
+                           .train = {.max_iter = 100, .rtol = 1e-10},
+                           .noconv_ok = 1};
+    double y[4];
+    imp_deq_stats st;
+    imp_layer *l = NULL;
+
+    /* Sample 2 turns NaN on its third evaluation: it alone is dropped,
+     * and the call says which sample it was (noconv_ok does not hide
+     * it). */
+    ck_assert_int_eq(imp_deq_create(&map, NULL, &opt, "spoiled", &l), IMP_OK);
+    ck_assert_int_eq(imp_layer_forward(l, &in, ctx.x, y), IMP_ENONFINITE);
+    ck_assert_msg(strstr(imp_last_error(), "sample 2") != NULL, "%s: %s",
+                  solvers[s]->name, imp_last_error());
+    ck_assert_int_eq(ctx.calls[2], 3);
+
+    /* The others reach z* = 2x to rtol 1e-10: for this contraction by
+     * 1/2, |z - z*| = 2 |h(z) - z| <= 2e-10 |h(z)|, 1.6e-9 at x = 4. */
+    for (int b = 0; b < 4; b++)
+      if (b != 2)
+        ck_assert_msg(fabs(y[b] - 2.0 * ctx.x[b]) < 2.1e-10 * 2.0 * ctx.x[b],
+                      "%s: y[%d] = %.17g", solvers[s]->name, b, y[b]);
+
+    /* Sample 2 keeps its best finite iterate: of z_0 = 0 (residual 3)
+     * and z_1 = h(0) = 3 (residual 1.5), the only ones whose image was
+     * finite, z_1.  Every solver's first step is the plain image. */
+    ck_assert_msg(y[2] == 3.0, "%s: y[2] = %.17g", solvers[s]->name, y[2]);
+    ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+    ck_assert_int_eq(st.forward_status, IMP_ENONFINITE);
+    ck_assert_int_eq(st.converged, 3);
+    ck_assert_int_eq(st.batch, 4);
+    imp_layer_free(l);
+  }
+
+  /* With two bad samples the first to fail is named, not the lowest
+   * index: sample 3 fails on its second evaluation, sample 1 on its
+   * third. */
+  {
+    spoiled ctx = {.x = {1, 2, 3, 4}, .bad = {1, 3}, .at = {3, 2}};
+    imp_deq_map map = {
+        .x_channels = 1, .z_channels = 1, .map = spoiled_map, .ctx = &ctx};
+    imp_deq_options opt = {.solver = imp_fp_picard,
+                           .train = {.max_iter = 100, .rtol = 1e-10}};
+    double y[4];
+    imp_deq_stats st;
+    imp_layer *l = NULL;
+
+    ck_assert_int_eq(imp_deq_create(&map, NULL, &opt, "spoiled", &l), IMP_OK);
+    ck_assert_int_eq(imp_layer_forward(l, &in, ctx.x, y), IMP_ENONFINITE);
+    ck_assert_msg(strstr(imp_last_error(), "sample 3") != NULL, "%s",
+                  imp_last_error());
+    ck_assert_msg(strstr(imp_last_error(), "2 of 4") != NULL, "%s",
+                  imp_last_error());
+    ck_assert(fabs(y[0] - 2.0) < 1e-9 && fabs(y[2] - 6.0) < 1e-9);
+    ck_assert(imp__all_finite(y, 4));
+    ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+    ck_assert_int_eq(st.converged, 2);
+    imp_layer_free(l);
+  }
+}
+END_TEST
+
+/* h(x, z) = a z + x per entry, theta = {a}: z* = x / (1 - a), and the
+ * adjoint of ybar = 1 gives xbar = 1 / (1 - a). */
+static int scaled_map(void *ctx, const imp_shape *xs, const double *x,
+                      const imp_shape *zs, const double *z, const double *theta,
+                      double *out)
+{
+  (void)ctx, (void)xs;
+  for (size_t i = 0; i < imp_shape_numel(zs); i++)
+    out[i] = theta[0] * z[i] + x[i];
+  return 0;
+}
+
+static int scaled_vjp(void *ctx, const imp_shape *xs, const double *x,
+                      const imp_shape *zs, const double *z, const double *theta,
+                      const double *v, double *vjp_z, double *vjp_x,
+                      double *vjp_theta)
+{
+  (void)ctx, (void)xs, (void)x;
+  for (size_t i = 0; i < imp_shape_numel(zs); i++) {
+    if (vjp_z != NULL)
+      vjp_z[i] = theta[0] * v[i];
+    if (vjp_x != NULL)
+      vjp_x[i] += v[i];
+    if (vjp_theta != NULL)
+      vjp_theta[0] += v[i] * z[i];
+  }
+  return 0;
+}
+
+static const imp_deq_map scaled = {.ntheta = 1,
+                                   .x_channels = 1,
+                                   .z_channels = 1,
+                                   .map = scaled_map,
+                                   .vjp = scaled_vjp};
+
+START_TEST(huge_budget_costs_only_the_iterations_run)
+{
+  const size_t budgets[3] = {(size_t)1e11, (size_t)-1 / 2, (size_t)-1};
+  double x[3] = {1, 2, 3}, y[3];
+  imp_shape in = {3, 1, 1, 1};
+
+  /* A budget far beyond memory, for a solve that takes a few hundred
+   * Picard steps at rate 0.95: the trace follows the steps taken. */
+  for (int k = 0; k < 3; k++) {
+    double a = 0.95;
+    imp_deq_options opt = {.solver = imp_fp_picard};
+    imp_deq_budget big = {.max_iter = budgets[k], .rtol = 1e-12};
+    imp_deq_stats st;
+    imp_layer *l = NULL;
+
+    ck_assert_int_eq(imp_deq_create(&scaled, &a, &opt, "big", &l), IMP_OK);
+    imp_layer_set_training(l, 0);
+    ck_assert_int_eq(imp_deq_set_budget(l, 0, &big), IMP_OK);
+    ck_assert_msg(imp_layer_forward(l, &in, x, y) == IMP_OK, "%zu: %s",
+                  budgets[k], imp_last_error());
+    ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+
+    /* 0.95^k <= 1e-12 takes k >= 539; the relative test stops a little
+     * earlier, since ||h(z) - z|| = 0.05 ||z - z*||. */
+    ck_assert_msg(st.iterations > 400 && st.iterations < 600, "%zu",
+                  st.iterations);
+    ck_assert_int_eq(st.trace_len, st.iterations);
+    for (size_t i = 1; i < st.trace_len; i++)
+      ck_assert(st.trace[i] < st.trace[i - 1]); /* Picard shrinks it */
+    ck_assert(st.trace[st.trace_len - 1] <= 1e-12);
+    /* |z - z*| = |h(z) - z| / (1 - a) <= 20 rtol |h(z)|. */
+    for (int b = 0; b < 3; b++)
+      ck_assert(fabs(y[b] * (1.0 - a) / x[b] - 1.0) < 1e-10);
+    imp_layer_free(l);
+  }
+}
+END_TEST
+
+START_TEST(derived_defaults_follow_the_training_budget)
+{
+  double a = 0.9, x[3] = {1, 2, 3}, y[3], xbar[3], ybar[3] = {1, 1, 1};
+  imp_shape in = {3, 1, 1, 1};
+  imp_deq_budget seven = {.max_iter = 7, .rtol = 1e-6};
+  imp_deq_budget tight = {.max_iter = 400, .rtol = 1e-12};
+  imp_deq_stats st;
+  imp_layer *l = NULL;
+
+  /* The unrolled steps default to the training max_iter, also after
+   * the budget changes ... */
+  ck_assert_int_eq(
+      imp_deq_create(&scaled, &a,
+                     &(imp_deq_options){.backward = IMP_DEQ_UNROLLED}, "u", &l),
+      IMP_OK);
+  ck_assert_int_eq(imp_deq_set_budget(l, 1, &seven), IMP_OK);
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+  ck_assert_int_eq(st.iterations, 7);
+  imp_layer_free(l);
+
+  /* ... but a given number of steps stays. */
+  ck_assert_int_eq(
+      imp_deq_create(
+          &scaled, &a,
+          &(imp_deq_options){.backward = IMP_DEQ_UNROLLED, .unroll_steps = 4},
+          "u", &l),
+      IMP_OK);
+  ck_assert_int_eq(imp_deq_set_budget(l, 1, &seven), IMP_OK);
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+  ck_assert_int_eq(st.iterations, 4);
+  imp_layer_free(l);
+
+  /* The adjoint's max_iter and rtol follow a tightened training budget:
+   * Picard at rate 0.9 needs about 260 steps to 1e-12, far beyond the
+   * default 30, and xbar = 1 / (1 - a) = 10 then holds to 1e-9. */
+  ck_assert_int_eq(imp_deq_create(&scaled, &a,
+                                  &(imp_deq_options){.solver = imp_fp_picard},
+                                  "a", &l),
+                   IMP_OK);
+  ck_assert_int_eq(imp_deq_set_budget(l, 1, &tight), IMP_OK);
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+  memset(xbar, 0, sizeof xbar);
+  ck_assert_msg(imp_layer_backward(l, xbar, ybar, &in, x, y) == IMP_OK, "%s",
+                imp_last_error());
+  ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+  ck_assert(st.backward_residual <= 1e-11);
+  for (int b = 0; b < 3; b++)
+    ck_assert_msg(fabs(xbar[b] - 10.0) < 1e-9, "xbar %.17g", xbar[b]);
+  imp_layer_free(l);
+
+  /* A given adjoint budget is the user's and stays. */
+  ck_assert_int_eq(
+      imp_deq_create(
+          &scaled, &a,
+          &(imp_deq_options){.solver = imp_fp_picard,
+                             .adjoint = {.max_iter = 20, .rtol = 1e-12}},
+          "a", &l),
+      IMP_OK);
+  ck_assert_int_eq(imp_deq_set_budget(l, 1, &tight), IMP_OK);
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_layer_backward(l, xbar, ybar, &in, x, y), IMP_ENOCONV);
+  ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+  ck_assert_int_eq(st.backward_iterations, 20);
+  imp_layer_free(l);
+}
+END_TEST
+
+START_TEST(create_validates_options)
+{
+  static const struct {
+    const char *what; /* a word the message must contain */
+    imp_deq_options opt;
+  } bad[] = {
+      {"train", {.train = {.rtol = NAN}}},
+      {"train", {.train = {.atol = INFINITY}}},
+      {"train", {.train = {.rtol = -1e-6, .atol = 1e-6}}},
+      {"eval", {.eval = {.atol = -1}}},
+      {"phantom_damping", {.phantom_damping = NAN}},
+      {"phantom_damping", {.phantom_damping = -0.5}},
+      {"unroll_damping", {.unroll_damping = INFINITY}},
+      {"init", {.init = (imp_deq_init)42}},
+      {"fp", {.fp = {.damping = NAN}}},
+      {"fp", {.fp = {.ridge = -1}}},
+      {"adjoint", {.adjoint = {.rtol = NAN}}},
+  };
+  double a = 0.5;
+
+  for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+    imp_layer *l = NULL;
+
+    ck_assert_int_eq(imp_deq_create(&scaled, &a, &bad[k].opt, "bad", &l),
+                     IMP_EINVAL);
+    ck_assert_ptr_null(l);
+    ck_assert_msg(strstr(imp_last_error(), bad[k].what) != NULL, "case %zu: %s",
+                  k, imp_last_error());
+  }
+
+  /* Zeros still mean the defaults, and positive values are taken. */
+  {
+    imp_deq_options ok = {.train = {.atol = 1e-8},
+                          .phantom_damping = 0.7,
+                          .init = IMP_DEQ_INIT_PREVIOUS};
+    imp_layer *l = NULL;
+
+    ck_assert_int_eq(imp_deq_create(&scaled, &a, &ok, "ok", &l), IMP_OK);
+    imp_layer_free(l);
+  }
+}
+END_TEST
+
+START_TEST(adjoint_fixed_point_uses_the_forward_solver)
+{
+  double a = 0.9, x[3] = {1, 2, 3}, y[3], xbar[3] = {0}, ybar[3] = {1, 1, 1};
+  imp_shape in = {3, 1, 1, 1};
+  imp_deq_options opt = {.solver = imp_fp_picard,
+                         .train = {.max_iter = 400, .rtol = 1e-12},
+                         .adjoint = {.method = IMP_ADJOINT_FIXED_POINT}};
+  imp_deq_stats st;
+  imp_layer *l = NULL;
+
+  /* Picard on u = 0.9 u + 1 takes some 250 steps to 1e-12, where
+   * Anderson, exact on a linear map after two, would take 3. */
+  ck_assert_int_eq(imp_deq_create(&scaled, &a, &opt, "p", &l), IMP_OK);
+  ck_assert_int_eq(imp_layer_forward(l, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_layer_backward(l, xbar, ybar, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_deq_get_stats(l, &st), IMP_OK);
+  ck_assert_msg(st.backward_iterations > 200, "%zu", st.backward_iterations);
+  for (int b = 0; b < 3; b++)
+    ck_assert(fabs(xbar[b] - 10.0) < 1e-9);
+  imp_layer_free(l);
+}
+END_TEST
+
 static Suite *deq_suite(void)
 {
   Suite *s = suite_create("deq");
@@ -655,6 +972,11 @@ static Suite *deq_suite(void)
   tcase_add_test(tc, bad_input);
   tcase_add_test(tc, anderson_falls_back_and_samples_stop_on_their_own);
   tcase_add_test(tc, deq_from_layers_agrees_with_callbacks);
+  tcase_add_test(tc, nonfinite_sample_is_dropped_and_named);
+  tcase_add_test(tc, huge_budget_costs_only_the_iterations_run);
+  tcase_add_test(tc, derived_defaults_follow_the_training_budget);
+  tcase_add_test(tc, create_validates_options);
+  tcase_add_test(tc, adjoint_fixed_point_uses_the_forward_solver);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -8,6 +8,14 @@
  * the limit of a network of "infinite depth" z_{k+1} = h(x, z_k) (Bai,
  * Kolter and Koltun, NeurIPS 2019).  Forward finds z* with one of the
  * fixed-point solvers of imp/fixed_point.h, per sample, within a budget.
+ * Each sample stops on its own when ||h(z) - z|| <= atol or
+ * ||h(z) - z|| <= rtol ||h(z)||.  On a map with no fixed point the
+ * relative test alone can accept iterates that run off to infinity, where
+ * ||h(z) - z|| / ||h(z)|| -> 0: give such a map a budget with atol and
+ * rtol = 0.  A sample whose h(z) holds NaN or Inf leaves the solve with its
+ * best finite iterate while the others go on, and forward then returns
+ * IMP_ENONFINITE naming the first such sample.
+ *
  * As an implicit problem its residual is f(x, z) = z - h(x, z), so
  * df/dz = I - dh/dz, and three backward modes are offered:
  *
@@ -136,7 +144,8 @@ typedef enum imp_deq_init {
   IMP_DEQ_INIT_GIVEN     /**< the state set by imp_deq_set_initial */
 } imp_deq_init;
 
-/** A solve budget; zero fields mean the defaults of the options. */
+/** A solve budget; zero fields mean the defaults of the options.  Only the
+ *  iterations run cost memory, so a generous max_iter costs nothing. */
 typedef struct imp_deq_budget {
   size_t max_iter; /**< training default 30, evaluation default 100 */
   double rtol;     /**< training default 1e-4, evaluation default 1e-6 */
@@ -150,13 +159,15 @@ typedef struct imp_deq_options {
                            come from train and eval) */
   imp_deq_budget train, eval;
   imp_deq_backward backward; /**< default IMP_DEQ_IMPLICIT */
-  /** Implicit mode's adjoint solve.  Defaults: IMP_ADJOINT_FIXED_POINT
-   *  with the forward's solver and its memory, damping and ridge, and
-   *  max_iter and rtol from the training budget. */
+  /** Implicit mode's adjoint solve.  Defaults: IMP_ADJOINT_FIXED_POINT;
+   *  with that method (by default or chosen) the forward's solver and its
+   *  memory, damping and ridge; and max_iter and rtol from the training
+   *  budget, following imp_deq_set_budget when it replaces that budget. */
   imp_adjoint_options adjoint;
   size_t phantom_steps;   /**< k, default 5 */
   double phantom_damping; /**< l, default 0.5 */
-  size_t unroll_steps;    /**< K, default the training max_iter */
+  size_t unroll_steps;    /**< K, default the training max_iter (following
+                               imp_deq_set_budget) */
   double unroll_damping;  /**< default 1 */
   imp_deq_init init;      /**< default IMP_DEQ_INIT_ZERO */
   int noconv_ok; /**< if set, an exhausted budget returns IMP_OK with the
@@ -166,15 +177,21 @@ typedef struct imp_deq_options {
 
 /** Statistics of the last forward and backward. */
 typedef struct imp_deq_stats {
-  int forward_status;  /**< IMP_OK or IMP_ENOCONV of the last solve */
+  int forward_status;  /**< the last solve's status, before noconv_ok:
+                            IMP_OK, IMP_ENOCONV, IMP_ENONFINITE (samples
+                            dropped for NaN or Inf), or the failure that
+                            stopped it; IMP_OK for unrolled steps */
   size_t iterations;   /**< solver iterations (the most of any sample) */
   size_t evaluations;  /**< evaluations of h, counted per sample */
-  double abs_residual; /**< max over the batch of ||h(z) - z|| at z */
+  double abs_residual; /**< max over the batch of ||h(z) - z|| at z (a
+                            dropped sample's at its best finite iterate,
+                            Inf if it had none) */
   double rel_residual; /**< max over the batch of ||h(z) - z|| / ||h(z)|| */
-  size_t converged;    /**< samples within tolerance */
+  size_t converged;    /**< samples within tolerance; never a dropped one */
   size_t batch;        /**< samples in the last forward */
-  const double *trace; /**< worst relative residual per iteration, owned
-                             by the layer, valid until the next forward */
+  const double *trace; /**< worst relative residual per iteration over the
+                             active finite samples, owned by the layer,
+                             valid until the next forward */
   size_t trace_len;
   size_t backward_iterations; /**< adjoint iterations or unrolled steps */
   size_t backward_vjp_calls;  /**< vjp calls of the last backward */
@@ -184,8 +201,11 @@ typedef struct imp_deq_stats {
 /**
  * Make a DEQ layer.  map is copied (its ctx is borrowed and must outlive
  * the layer); theta0 (ntheta values, may be NULL for zeros) is copied into
- * the layer's parameters; opt may be NULL.  Returns IMP_OK, IMP_EINVAL,
- * IMP_ENOMEM.
+ * the layer's parameters; opt may be NULL.  The options are judged as
+ * imp_deq_set_budget judges a budget, except that zeros mean defaults:
+ * a NaN, infinite or negative tolerance, damping, ridge or adjoint rtol,
+ * and an unknown backward or init, are IMP_EINVAL.  Returns IMP_OK,
+ * IMP_EINVAL, IMP_ENONFINITE (theta0), IMP_ENOMEM.
  */
 int imp_deq_create(const imp_deq_map *map, const double *theta0,
                    const imp_deq_options *opt, const char *name,
@@ -212,8 +232,10 @@ int imp_deq_create_from_layers(size_t z_channels, imp_layer *z_layer,
 /**
  * Replace the training (training = 1) or evaluation (0) budget of a DEQ
  * layer, e.g. to spend more iterations at test time.  Unlike the options,
- * nothing here has a default: max_iter = 0, a negative tolerance, or no
- * tolerance at all is IMP_EINVAL.
+ * nothing here has a default: max_iter = 0, a negative or non-finite
+ * tolerance, or no tolerance at all is IMP_EINVAL.  A new training budget
+ * also moves what was left to default from it: the adjoint's max_iter and
+ * rtol and unroll_steps.
  */
 int imp_deq_set_budget(imp_layer *layer, int training,
                        const imp_deq_budget *budget);

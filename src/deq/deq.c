@@ -25,6 +25,10 @@ typedef struct deq {
   imp__deq_owner owner; /* a map context the layer owns, if any */
   imp_deq_options opt;  /* defaults resolved */
 
+  /* The defaults that follow the training budget, re-derived whenever
+   * imp_deq_set_budget replaces it: set where the user gave 0. */
+  int derive_adjoint_iter, derive_adjoint_rtol, derive_unroll;
+
   /* Saved by forward for backward. */
   deq_mode mode;
   imp_shape xs, zs;
@@ -39,9 +43,9 @@ typedef struct deq {
   imp_shape init_shape;
   int has_init;
 
-  /* Statistics and the residual trace. */
+  /* Statistics and the residual trace, grown with the iterations run. */
   imp_deq_stats stats;
-  imp_workspace trace;
+  imp__fp_trace trace;
 
   /* Scratch. */
   imp_workspace xpack, zwork, xgrad, tgrad;
@@ -192,12 +196,12 @@ static int solve(deq *d, int training)
   fo.max_iter = budget->max_iter;
   fo.rtol = budget->rtol;
   fo.atol = budget->atol;
-  IMP__TRY(imp_workspace_reserve(&d->trace, fo.max_iter));
   IMP__TRY(initial_state(d, d->zstar.data, nz));
 
-  rc = imp_fp_solve(d->opt.solver, solver_map, d, d->zs.n,
-                    imp_shape_sample(&d->zs), d->zstar.data, &fo, &fs,
-                    d->trace.data, &d->stats.trace_len);
+  rc = imp__fp_solve_grown(d->opt.solver, solver_map, d, d->zs.n,
+                           imp_shape_sample(&d->zs), d->zstar.data, &fo, &fs,
+                           &d->trace);
+  d->stats.trace_len = d->trace.len;
   d->stats.iterations = fs.iterations;
   d->stats.evaluations += fs.evaluations;
   d->stats.abs_residual = fs.abs_residual;
@@ -428,7 +432,7 @@ static void deq_destroy(void *state)
   imp_workspace_free(&d->zstar);
   imp_workspace_free(&d->traj);
   imp_workspace_free(&d->init);
-  imp_workspace_free(&d->trace);
+  free(d->trace.data);
   imp_workspace_free(&d->xpack);
   imp_workspace_free(&d->zwork);
   imp_workspace_free(&d->xgrad);
@@ -476,23 +480,81 @@ static imp_deq_options resolve_options(const imp_deq_options *opt)
     o.phantom_steps = 5;
   if (o.phantom_damping <= 0.0)
     o.phantom_damping = 0.5;
-  if (o.unroll_steps == 0)
-    o.unroll_steps = o.train.max_iter;
   if (o.unroll_damping <= 0.0)
     o.unroll_damping = 1.0;
-  if (o.adjoint.method == IMP_ADJOINT_AUTO) {
+  if (o.adjoint.method == IMP_ADJOINT_AUTO)
     o.adjoint.method = IMP_ADJOINT_FIXED_POINT;
-    if (o.adjoint.fp_solver == NULL)
-      o.adjoint.fp_solver = o.solver;
-  }
+  if (o.adjoint.method == IMP_ADJOINT_FIXED_POINT &&
+      o.adjoint.fp_solver == NULL)
+    o.adjoint.fp_solver = o.solver;
   if (o.adjoint.fp.memory == 0 && o.adjoint.fp.damping <= 0.0 &&
       o.adjoint.fp.ridge <= 0.0)
     o.adjoint.fp = o.fp; /* the forward's memory, damping and ridge */
-  if (o.adjoint.max_iter == 0)
-    o.adjoint.max_iter = o.train.max_iter;
-  if (o.adjoint.rtol <= 0.0)
-    o.adjoint.rtol = o.train.rtol;
   return o;
+}
+
+/* Fill the defaults taken from the training budget: at creation, and
+ * again each time imp_deq_set_budget replaces that budget, so that they
+ * never go stale. */
+static void follow_training_budget(deq *d)
+{
+  if (d->derive_unroll)
+    d->opt.unroll_steps = d->opt.train.max_iter;
+  if (d->derive_adjoint_iter)
+    d->opt.adjoint.max_iter = d->opt.train.max_iter;
+  if (d->derive_adjoint_rtol)
+    d->opt.adjoint.rtol = d->opt.train.rtol;
+}
+
+/* A budget's tolerances: finite and not negative, and where defaults are
+ * not allowed (imp_deq_set_budget), at least one positive and max_iter
+ * positive too. */
+static int check_budget(const char *where, const char *which,
+                        const imp_deq_budget *b, int defaults)
+{
+  if (!defaults && b->max_iter == 0)
+    return imp__fail(IMP_EINVAL, "%s: a %s budget of zero iterations", where,
+                     which);
+  if (!(b->rtol >= 0.0) || !(b->atol >= 0.0) || !isfinite(b->rtol) ||
+      !isfinite(b->atol) || (!defaults && b->rtol == 0.0 && b->atol == 0.0))
+    return imp__fail(IMP_EINVAL, "%s: %s tolerances rtol %g, atol %g: need %s",
+                     where, which, b->rtol, b->atol,
+                     defaults ? "finite values >= 0 (both 0 for the default)"
+                              : "at least one positive, both finite and "
+                                ">= 0");
+  return IMP_OK;
+}
+
+/* A value whose 0 means its default: finite and not negative. */
+static int check_default_zero(const char *field, double v)
+{
+  if (!(v >= 0.0) || !isfinite(v))
+    return imp__fail(IMP_EINVAL,
+                     "deq_create: %s = %g: need a finite value > 0 (0 for "
+                     "the default)",
+                     field, v);
+  return IMP_OK;
+}
+
+/* The options as imp_deq_set_budget would judge them, zeros meaning the
+ * defaults; NaN and Inf are never defaults. */
+static int check_options(const imp_deq_options *o)
+{
+  if (o->backward != IMP_DEQ_IMPLICIT && o->backward != IMP_DEQ_PHANTOM &&
+      o->backward != IMP_DEQ_UNROLLED)
+    return imp__fail(IMP_EINVAL, "deq_create: unknown backward mode %d",
+                     (int)o->backward);
+  if (o->init != IMP_DEQ_INIT_ZERO && o->init != IMP_DEQ_INIT_PREVIOUS &&
+      o->init != IMP_DEQ_INIT_GIVEN)
+    return imp__fail(IMP_EINVAL, "deq_create: unknown init %d", (int)o->init);
+  IMP__TRY(check_budget("deq_create", "train", &o->train, 1));
+  IMP__TRY(check_budget("deq_create", "eval", &o->eval, 1));
+  IMP__TRY(check_default_zero("phantom_damping", o->phantom_damping));
+  IMP__TRY(check_default_zero("unroll_damping", o->unroll_damping));
+  IMP__TRY(check_default_zero("fp.damping", o->fp.damping));
+  IMP__TRY(check_default_zero("fp.ridge", o->fp.ridge));
+  IMP__TRY(check_default_zero("adjoint.rtol", o->adjoint.rtol));
+  return IMP_OK;
 }
 
 int imp_deq_create(const imp_deq_map *map, const double *theta0,
@@ -515,10 +577,8 @@ int imp__deq_create(const imp_deq_map *map, const double *theta0,
   if (map == NULL || map->map == NULL || map->z_channels == 0)
     return imp__fail(IMP_EINVAL, "deq_create: the map needs a map "
                                  "callback and z_channels > 0");
-  if (opt != NULL && opt->backward != IMP_DEQ_IMPLICIT &&
-      opt->backward != IMP_DEQ_PHANTOM && opt->backward != IMP_DEQ_UNROLLED)
-    return imp__fail(IMP_EINVAL, "deq_create: unknown backward mode %d",
-                     (int)opt->backward);
+  if (opt != NULL)
+    IMP__TRY(check_options(opt));
   if (theta0 != NULL && !imp__all_finite(theta0, map->ntheta))
     return imp__fail(IMP_ENONFINITE, "deq_create: NaN or Inf in theta0");
 
@@ -527,6 +587,10 @@ int imp__deq_create(const imp_deq_map *map, const double *theta0,
     return imp__fail(IMP_ENOMEM, "deq_create");
   d->map = *map;
   d->opt = resolve_options(opt);
+  d->derive_unroll = d->opt.unroll_steps == 0;
+  d->derive_adjoint_iter = d->opt.adjoint.max_iter == 0;
+  d->derive_adjoint_rtol = d->opt.adjoint.rtol == 0.0;
+  follow_training_budget(d);
   if (owner != NULL)
     d->owner = *owner;
   rc = imp_layer_create(&deq_ops, d, map->ntheta, name, out);
@@ -571,20 +635,14 @@ int imp_deq_set_budget(imp_layer *layer, int training,
   if (d == NULL || budget == NULL)
     return imp__fail(IMP_EINVAL, "deq_set_budget: not a DEQ layer, or "
                                  "NULL");
-  if (budget->max_iter == 0)
-    return imp__fail(IMP_EINVAL, "deq_set_budget: a budget of zero "
-                                 "iterations");
-  if (budget->rtol < 0.0 || budget->atol < 0.0 ||
-      (budget->rtol == 0.0 && budget->atol == 0.0) || !isfinite(budget->rtol) ||
-      !isfinite(budget->atol))
-    return imp__fail(IMP_EINVAL,
-                     "deq_set_budget: tolerances rtol %g, "
-                     "atol %g: need at least one positive, finite",
-                     budget->rtol, budget->atol);
-  if (training)
+  IMP__TRY(check_budget("deq_set_budget", training ? "training" : "evaluation",
+                        budget, 0));
+  if (training) {
     d->opt.train = *budget;
-  else
+    follow_training_budget(d);
+  } else {
     d->opt.eval = *budget;
+  }
   return IMP_OK;
 }
 

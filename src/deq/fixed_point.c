@@ -1,13 +1,17 @@
 /*
  * deq/fixed_point.c - the batched fixed-point driver: it evaluates T on
  * the active samples, tests each one, keeps the best iterate of each, and
- * asks the solver type for the next iterates.
+ * asks the solver type for the next iterates.  A sample whose image is
+ * not finite leaves the active set with its best finite iterate, so that
+ * one bad sample does not cost the batch.
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/internal.h"
+#include "deq/deq_internal.h"
 #include "imp/fixed_point.h"
 
 const imp_fp_type *imp_fp_type_by_name(const char *name)
@@ -48,6 +52,10 @@ typedef struct fp_work {
   double *z_next;              /* n x d, packed next iterates */
   double *best;                /* n x d, by batch index */
   double *best_abs, *best_rel; /* n */
+
+  /* Samples dropped because T gave them NaN or Inf, and the first one. */
+  size_t dropped;
+  size_t first_bad, first_bad_iter; /* SIZE_MAX while none */
 } fp_work;
 
 static void work_free(fp_work *w)
@@ -73,6 +81,7 @@ static int work_alloc(fp_work *w, size_t n, size_t d)
   w->best = imp__dalloc(n * d);
   w->best_abs = imp__dalloc(n);
   w->best_rel = imp__dalloc(n);
+  w->first_bad = w->first_bad_iter = SIZE_MAX;
   if (w->idx && w->z && w->g && w->z_next && w->best && w->best_abs &&
       w->best_rel)
     return IMP_OK;
@@ -95,11 +104,12 @@ static double merit(double r, double rel, const imp_fp_options *o)
 }
 
 /*
- * Test the m active samples, remember each one's best iterate, and drop the
- * converged ones, compacting the packed rows in place.  Returns the number
- * still active; *worst gets the largest relative residual.
+ * Test the m active samples of iteration it, remember each one's best
+ * iterate, and drop the converged ones and those whose image is not
+ * finite, compacting the packed rows in place.  Returns the number still
+ * active; *worst gets the largest relative residual of the finite ones.
  */
-static size_t test_and_compact(fp_work *w, size_t m, size_t d,
+static size_t test_and_compact(fp_work *w, size_t m, size_t d, size_t it,
                                const imp_fp_options *o, double *worst)
 {
   size_t kept = 0;
@@ -110,6 +120,15 @@ static size_t test_and_compact(fp_work *w, size_t m, size_t d,
     size_t b = w->idx[k];
     double r = 0.0, gn, rel;
 
+    /* NaN or Inf: the sample's best finite iterate stays its answer, and
+     * the solver never sees the bad image. */
+    if (!imp__all_finite(g, d)) {
+      if (w->dropped++ == 0) {
+        w->first_bad = b;
+        w->first_bad_iter = it;
+      }
+      continue;
+    }
     for (size_t i = 0; i < d; i++)
       r += (g[i] - z[i]) * (g[i] - z[i]);
     r = sqrt(r);
@@ -135,9 +154,46 @@ static size_t test_and_compact(fp_work *w, size_t m, size_t d,
   return kept;
 }
 
-int imp_fp_solve(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
+/* Record the worst residual of iteration it, into the caller's array of
+ * max_iter entries or into a trace grown on demand (doubling, up to the
+ * budget), so that a budget never spent costs no memory. */
+static int record(double *fixed, imp__fp_trace *grown, size_t max_iter,
+                  size_t it, double worst)
+{
+  if (fixed != NULL) {
+    fixed[it] = worst;
+    return IMP_OK;
+  }
+  if (grown == NULL)
+    return IMP_OK;
+  if (it >= grown->capacity) {
+    size_t cap = grown->capacity < 32 ? 64 : 2 * grown->capacity;
+    double *data;
+
+    if (cap > max_iter)
+      cap = max_iter;
+    data = cap <= SIZE_MAX / sizeof(double)
+               ? realloc(grown->data, cap * sizeof(double))
+               : NULL;
+    if (data == NULL)
+      return imp__fail(IMP_ENOMEM,
+                       "fixed point: no memory for a trace of %zu "
+                       "iterations",
+                       cap);
+    grown->data = data;
+    grown->capacity = cap;
+  }
+  grown->data[it] = worst;
+  grown->len = it + 1;
+  return IMP_OK;
+}
+
+/* The driver behind imp_fp_solve and imp__fp_solve_grown: at most one of
+ * trace (max_iter entries) and grown is given. */
+static int drive(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
                  size_t n, size_t d, double *z, const imp_fp_options *opt,
-                 imp_fp_stats *stats, double *trace, size_t *trace_len)
+                 imp_fp_stats *stats, double *trace, size_t *trace_len,
+                 imp__fp_trace *grown)
 {
   imp_fp_options o;
   imp_fp_stats st = {0};
@@ -146,6 +202,8 @@ int imp_fp_solve(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
   size_t m = n, it;
   int rc = IMP_OK;
 
+  if (grown != NULL)
+    grown->len = 0; /* nothing of a failed start is left from before */
   if (type == NULL || map == NULL || z == NULL || n == 0 || d == 0)
     return imp__fail(IMP_EINVAL,
                      "fixed point: NULL type, map or z, or a "
@@ -181,18 +239,12 @@ int imp_fp_solve(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
       break;
     }
     st.evaluations += m;
-    if (!imp__all_finite(w.g, m * d)) {
-      rc = imp__fail(IMP_ENONFINITE,
-                     "fixed point: the map produced NaN "
-                     "or Inf at iteration %zu",
-                     it);
-      break;
-    }
 
-    /* Test, record, drop the converged samples. */
-    m = test_and_compact(&w, m, d, &o, &worst);
-    if (trace != NULL)
-      trace[it] = worst;
+    /* Test, record, drop the converged and the non-finite samples. */
+    m = test_and_compact(&w, m, d, it, &o, &worst);
+    rc = record(trace, grown, o.max_iter, it, worst);
+    if (rc != IMP_OK)
+      break;
     if (m == 0 || it + 1 == o.max_iter)
       continue;
 
@@ -210,6 +262,8 @@ int imp_fp_solve(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
   st.iterations = it;
   if (trace_len != NULL)
     *trace_len = it;
+  if (grown != NULL && rc != IMP_OK && grown->len > it)
+    grown->len = it; /* the entry of an iteration cut short */
 
   /* Hand back the best iterates and judge them. */
   memcpy(z, w.best, n * d * sizeof(double));
@@ -221,7 +275,14 @@ int imp_fp_solve(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
     if (merit(w.best_abs[b], w.best_rel[b], &o) <= 1.0)
       st.converged++;
   }
-  if (rc == IMP_OK && st.converged < n)
+  if (rc == IMP_OK && w.dropped > 0)
+    rc = imp__fail(IMP_ENONFINITE,
+                   "fixed point (%s): the map produced NaN or Inf for "
+                   "sample %zu at iteration %zu; %zu of %zu samples "
+                   "dropped with their best finite iterates, %zu converged",
+                   type->name, w.first_bad, w.first_bad_iter, w.dropped, n,
+                   st.converged);
+  else if (rc == IMP_OK && st.converged < n)
     rc =
         imp__fail(IMP_ENOCONV,
                   "fixed point (%s): %zu of %zu samples "
@@ -234,4 +295,19 @@ int imp_fp_solve(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
   if (stats != NULL)
     *stats = st;
   return rc;
+}
+
+int imp_fp_solve(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
+                 size_t n, size_t d, double *z, const imp_fp_options *opt,
+                 imp_fp_stats *stats, double *trace, size_t *trace_len)
+{
+  return drive(type, map, ctx, n, d, z, opt, stats, trace, trace_len, NULL);
+}
+
+int imp__fp_solve_grown(const imp_fp_type *type, imp_fp_map_fn map, void *ctx,
+                        size_t n, size_t d, double *z,
+                        const imp_fp_options *opt, imp_fp_stats *stats,
+                        imp__fp_trace *trace)
+{
+  return drive(type, map, ctx, n, d, z, opt, stats, NULL, NULL, trace);
 }
