@@ -7,6 +7,7 @@
  */
 #define _GNU_SOURCE
 #include <check.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -996,6 +997,298 @@ START_TEST(bad_arguments)
 }
 END_TEST
 
+/* ------------------------------------------------------------------ */
+/* A field that fails from some time on, counting what the layer asks of
+ * it: dh/dt = -theta h, whose rhs (forward) or vjp (backward) fails for
+ * t > fail_t or t < fail_t respectively, by returning a code or NaN. */
+
+typedef enum flaky_mode {
+  FLAKY_NONE,
+  FLAKY_RHS_CODE, /* the rhs returns 7 for t > fail_t */
+  FLAKY_RHS_NAN,  /* the rhs gives NaN for t > fail_t */
+  FLAKY_VJP_CODE, /* the vjp returns 5 for t < fail_t */
+  FLAKY_VJP_NAN   /* the vjp gives NaN for t < fail_t */
+} flaky_mode;
+
+typedef struct flaky {
+  flaky_mode mode;
+  double fail_t;
+  long calls;         /* rhs and vjp calls */
+  long failures;      /* failed results returned */
+  long calls_at_last; /* calls when the latest failure was returned */
+} flaky;
+
+static int flaky_failed(flaky *f)
+{
+  f->failures++;
+  f->calls_at_last = f->calls;
+  return f->mode == FLAKY_RHS_CODE ? 7 : f->mode == FLAKY_VJP_CODE ? 5 : 0;
+}
+
+static int flaky_rhs(void *ctx, const double *t, const double *h,
+                     const double *theta, double *out)
+{
+  flaky *f = ctx;
+
+  f->calls++;
+  out[0] = -theta[0] * h[0];
+  if ((f->mode == FLAKY_RHS_CODE || f->mode == FLAKY_RHS_NAN) &&
+      *t > f->fail_t) {
+    out[0] = NAN;
+    return flaky_failed(f);
+  }
+  return 0;
+}
+
+static int flaky_vjp(void *ctx, const double *t, const double *h,
+                     const double *theta, const double *v, double *vjp_h,
+                     double *vjp_t, double *vjp_theta)
+{
+  flaky *f = ctx;
+  int bad =
+      (f->mode == FLAKY_VJP_CODE || f->mode == FLAKY_VJP_NAN) && *t < f->fail_t;
+
+  (void)vjp_t;
+  f->calls++;
+  if (vjp_h != NULL)
+    vjp_h[0] = bad ? NAN : -theta[0] * v[0];
+  if (vjp_theta != NULL)
+    vjp_theta[0] += bad ? NAN : -h[0] * v[0];
+  return bad ? flaky_failed(f) : 0;
+}
+
+static imp_layer *flaky_layer(flaky *f, imp_ode_method method)
+{
+  static const double times[2] = {0.6, 1.0};
+  imp_ode_field field = {
+      .d = 1, .ntheta = 1, .rhs = flaky_rhs, .vjp = flaky_vjp, .ctx = f};
+  imp_ode_options opt = {.method = method};
+  imp_layer *ode;
+
+  ck_assert_int_eq(imp_ode_create(&field, 0.0, times, 2, &opt, NULL, &ode),
+                   IMP_OK);
+  imp_layer_params(ode)[0] = 0.8;
+  return ode;
+}
+
+/* Run one pass of a flaky field; return its status. */
+static int flaky_pass(flaky_mode mode, imp_ode_method method,
+                      imp_ode_stats *stats, flaky *f)
+{
+  imp_shape in = {1, 1, 1, 1};
+  double x[1] = {1.0}, y[2], ybar[2] = {1.0, 1.0}, xbar[1] = {0.0};
+  imp_layer *ode;
+  int rc;
+
+  memset(f, 0, sizeof *f);
+  f->fail_t = 0.3;
+  ode = flaky_layer(f, method);
+  if (mode == FLAKY_VJP_CODE || mode == FLAKY_VJP_NAN)
+    ck_assert_int_eq(imp_layer_forward(ode, &in, x, y), IMP_OK);
+  f->mode = mode;
+  f->calls = f->failures = f->calls_at_last = 0;
+  if (mode == FLAKY_VJP_CODE || mode == FLAKY_VJP_NAN)
+    rc = imp_layer_backward(ode, xbar, ybar, &in, x, y);
+  else
+    rc = imp_layer_forward(ode, &in, x, y);
+  ck_assert_int_eq(imp_ode_get_stats(ode, stats), IMP_OK);
+  imp_layer_free(ode);
+  return rc;
+}
+
+/*
+ * After a callback fails, the layer calls the field no more in that
+ * CVODES call.  CVODES 6.4.1 treats a failed rhs under fixed-point
+ * iteration (Adams' default) as recoverable and used to call it about
+ * 0.83 max_steps times more (4157 at the default 5000): each failure mode
+ * is run under Adams and BDF, forward and backward.  A failing code is
+ * returned once; NaN results, which CVODES may step around, exactly the
+ * 10 the header allows; no call follows the last.
+ */
+START_TEST(no_calls_after_a_failure)
+{
+  static const flaky_mode modes[4] = {FLAKY_RHS_CODE, FLAKY_RHS_NAN,
+                                      FLAKY_VJP_CODE, FLAKY_VJP_NAN};
+
+  for (int m = 0; m < 2; m++)
+    for (int i = 0; i < 4; i++) {
+      imp_ode_method method = m == 0 ? IMP_ODE_ADAMS : IMP_ODE_BDF;
+      int nan = modes[i] == FLAKY_RHS_NAN || modes[i] == FLAKY_VJP_NAN;
+      imp_ode_stats stats;
+      flaky f;
+      int rc = flaky_pass(modes[i], method, &stats, &f);
+
+      ck_assert_msg(rc == (nan ? IMP_ENONFINITE : IMP_ECALLBACK),
+                    "method %d mode %d: status %d: %s", m, i, rc,
+                    imp_last_error());
+      ck_assert_msg(f.failures == (nan ? 10 : 1),
+                    "method %d mode %d: %ld failed results", m, i, f.failures);
+      ck_assert_msg(f.calls == f.calls_at_last,
+                    "method %d mode %d: %ld calls after the last failure", m, i,
+                    f.calls - f.calls_at_last);
+    }
+}
+END_TEST
+
+/* dh/dt = -10 h, NaN once rounding makes h negative: with Adams CVODES
+ * stepped past 24 NaN results and reported success. */
+static int nan_below_zero_rhs(void *ctx, const double *t, const double *h,
+                              const double *theta, double *out)
+{
+  long *nans = ctx;
+
+  (void)t;
+  (void)theta;
+  out[0] = -10.0 * h[0];
+  if (h[0] < 0.0) {
+    out[0] = NAN;
+    (*nans)++;
+  }
+  return 0;
+}
+
+START_TEST(nan_cap_decides_the_status)
+{
+  long nans = 0;
+  imp_ode_field field = {.d = 1, .rhs = nan_below_zero_rhs, .ctx = &nans};
+  imp_ode_options opt = {.rtol = 1e-8, .atol = 1e-10};
+  double times[1] = {3.0}, x[1] = {1.0}, y[1];
+  imp_shape in = {1, 1, 1, 1};
+  imp_layer *ode;
+
+  ck_assert_int_eq(imp_ode_create(&field, 0.0, times, 1, &opt, NULL, &ode),
+                   IMP_OK);
+  ck_assert_int_eq(imp_layer_forward(ode, &in, x, y), IMP_ENONFINITE);
+  ck_assert_int_eq(nans, 10);
+  ck_assert_ptr_nonnull(strstr(imp_last_error(), "10 times"));
+  imp_layer_free(ode);
+}
+END_TEST
+
+/*
+ * The statistics of a failed pass count its work: CVODES' steps as well
+ * as the callbacks' evaluations (a failed Adams pass on Robertson's
+ * kinetics used to report 0 steps and 11620 rhs evaluations).
+ */
+START_TEST(stats_of_failed_passes)
+{
+  rotation ctx = {0};
+  imp_ode_options opt = {.max_steps = 3};
+  imp_shape in = {1, 2, 1, 1};
+  double x[2] = {1.0, 0.5}, y[4], ybar[4] = {1.0, 1.0, 1.0, 1.0};
+  imp_ode_stats stats;
+  imp_layer *ode = rotation_layer(&ctx, &opt);
+  flaky f;
+
+  /* Out of steps forward: the 3 steps taken before the first output. */
+  ck_assert_int_eq(imp_layer_forward(ode, &in, x, y), IMP_ENOCONV);
+  ck_assert_int_eq(imp_ode_get_stats(ode, &stats), IMP_OK);
+  ck_assert_int_eq(stats.forward.steps, 3);
+  ck_assert_int_ge(stats.forward.rhs_evals, stats.forward.steps);
+  ck_assert_int_gt(stats.forward.nonlin_iters, 0);
+  imp_layer_free(ode);
+
+  /* Out of steps backward: the 2 adjoint steps of the first segment. */
+  opt = (imp_ode_options){.adjoint_max_steps = 2, .rtol = 1e-10};
+  ode = rotation_layer(&ctx, &opt);
+  ck_assert_int_eq(imp_layer_forward(ode, &in, x, y), IMP_OK);
+  ck_assert_int_eq(imp_layer_backward(ode, NULL, ybar, &in, x, y), IMP_ENOCONV);
+  ck_assert_int_eq(imp_ode_get_stats(ode, &stats), IMP_OK);
+  ck_assert_int_eq(stats.backward.steps, 2);
+  ck_assert_int_ge(stats.backward.vjp_evals, stats.backward.steps);
+  imp_layer_free(ode);
+
+  /* A callback failure: the steps that reached t = 0.3 are counted,
+   * forward and backward. */
+  for (int m = 0; m < 2; m++) {
+    imp_ode_method method = m == 0 ? IMP_ODE_ADAMS : IMP_ODE_BDF;
+
+    ck_assert_int_eq(flaky_pass(FLAKY_RHS_CODE, method, &stats, &f),
+                     IMP_ECALLBACK);
+    ck_assert_int_gt(stats.forward.steps, 3);
+    ck_assert_int_ge(stats.forward.rhs_evals, stats.forward.steps);
+    ck_assert_int_eq(stats.forward.rhs_evals, f.calls);
+    ck_assert_int_eq(flaky_pass(FLAKY_VJP_CODE, method, &stats, &f),
+                     IMP_ECALLBACK);
+    ck_assert_int_gt(stats.backward.steps, 3);
+    ck_assert_int_ge(stats.backward.vjp_evals, stats.backward.steps);
+  }
+}
+END_TEST
+
+/* The decay field dh/dt = -theta h through one pass each way, with the
+ * gradients of L = h(T) to rtol; returns the first failing status. */
+static int decay_both_passes(double t0, const double *times, size_t ntimes,
+                             double rtol)
+{
+  imp_ode_field field = {
+      .d = 1, .ntheta = 1, .rhs = decay_rhs, .vjp = decay_vjp};
+  imp_shape in = {1, 1, 1, 1};
+  double x[1] = {3.0}, y[2], ybar[2] = {0.0, 0.0}, xbar[1] = {0.0};
+  double s = times[ntimes - 1] - t0, theta = 0.5;
+  imp_layer *ode;
+  int rc = imp_ode_create(&field, t0, times, ntimes, NULL, NULL, &ode);
+
+  if (rc != IMP_OK)
+    return rc;
+  imp_layer_params(ode)[0] = theta;
+  ybar[ntimes - 1] = 1.0;
+  rc = imp_layer_forward(ode, &in, x, y);
+  if (rc == IMP_OK)
+    rc = imp_layer_backward(ode, xbar, ybar, &in, x, y);
+  if (rc == IMP_OK) {
+    check_close(y[ntimes - 1], 3.0 * exp(-theta * s), rtol, "h(T)");
+    check_close(xbar[0], exp(-theta * s), rtol, "xbar");
+    ck_assert_msg(fabs(imp_layer_grads(ode)[0] + 3.0 * s * exp(-theta * s)) <=
+                      rtol * 3.0 * s,
+                  "thetabar %g, want %g", imp_layer_grads(ode)[0],
+                  -3.0 * s * exp(-theta * s));
+  }
+  imp_layer_free(ode);
+  return rc;
+}
+
+/*
+ * Spans that CVODES cannot integrate are refused when the times are set,
+ * with IMP_EINVAL, instead of failing in a pass: from t0 = 0 a horizon of
+ * 1e-160 failed forward with CV_BAD_T and one of 1e-170 passed forward
+ * and failed backward with CV_BAD_TB0 (both IMP_EBACKEND); output times
+ * 1 ulp apart passed forward and failed backward with CV_TOO_CLOSE.  The
+ * smallest spans accepted integrate both ways, to 1e-6.
+ */
+START_TEST(spans_too_short_are_refused)
+{
+  const double eps = DBL_EPSILON;
+  double tiny[1] = {1e-160}, tinier[1] = {1e-170}, near_t0[2] = {1.0, 2.0};
+  double close_pair[2] = {1.0, 1.0 + eps}, ok_small[1] = {1e-140};
+  double ok_pair[2] = {1.0, 1.0 + 8.0 * eps}, ok_near[2] = {1.0, 2.0};
+  imp_ode_field field = {
+      .d = 1, .ntheta = 1, .rhs = decay_rhs, .vjp = decay_vjp};
+  imp_layer *ode;
+
+  near_t0[0] = 1.0 + 2.0 * eps;
+  ok_near[0] = 1.0 + 8.0 * eps;
+  ck_assert_int_eq(decay_both_passes(0.0, tiny, 1, 1e-6), IMP_EINVAL);
+  ck_assert_ptr_nonnull(strstr(imp_last_error(), "rescale the time"));
+  ck_assert_int_eq(decay_both_passes(0.0, tinier, 1, 1e-6), IMP_EINVAL);
+  ck_assert_int_eq(decay_both_passes(1.0, near_t0, 2, 1e-6), IMP_EINVAL);
+  ck_assert_ptr_nonnull(strstr(imp_last_error(), "ulps of t0"));
+  ck_assert_int_eq(decay_both_passes(0.0, close_pair, 2, 1e-6), IMP_EINVAL);
+  ck_assert_ptr_nonnull(strstr(imp_last_error(), "ulps of the previous"));
+
+  /* set_times applies the same rule. */
+  ck_assert_int_eq(imp_ode_create(&field, 0.0, ok_small, 1, NULL, NULL, &ode),
+                   IMP_OK);
+  ck_assert_int_eq(imp_ode_set_times(ode, 0.0, tiny, 1), IMP_EINVAL);
+  ck_assert_int_eq(imp_ode_set_times(ode, 0.0, close_pair, 2), IMP_EINVAL);
+  imp_layer_free(ode);
+
+  ck_assert_int_eq(decay_both_passes(0.0, ok_small, 1, 1e-6), IMP_OK);
+  ck_assert_int_eq(decay_both_passes(0.0, ok_pair, 2, 1e-6), IMP_OK);
+  ck_assert_int_eq(decay_both_passes(1.0, ok_near, 2, 1e-6), IMP_OK);
+}
+END_TEST
+
 static Suite *ode_suite(void)
 {
   Suite *s = suite_create("ode");
@@ -1011,6 +1304,10 @@ static Suite *ode_suite(void)
   tcase_add_test(tc, quadrature_gradcheck);
   tcase_add_test(tc, failures_are_statuses_and_silent);
   tcase_add_test(tc, bad_arguments);
+  tcase_add_test(tc, no_calls_after_a_failure);
+  tcase_add_test(tc, nan_cap_decides_the_status);
+  tcase_add_test(tc, stats_of_failed_passes);
+  tcase_add_test(tc, spans_too_short_are_refused);
   suite_add_tcase(s, tc);
   return s;
 }

@@ -75,7 +75,11 @@
  * result with NaN or Inf is reported to CVODES as recoverable, so that it
  * can retry with a smaller step (a trial step may overshoot into a region
  * where g overflows); after 10 such results in one CVODES call, or when
- * CVODES stalls in front of them, the layer returns IMP_ENONFINITE.
+ * CVODES stalls in front of them, the layer returns IMP_ENONFINITE, even
+ * if CVODES would have stepped on.  From a failure, or the 10th
+ * non-finite result, to the end of that CVODES call no callback is called
+ * again: the layer answers CVODES itself, since CVODES 6.4.1 retries a
+ * failed rhs under fixed-point iteration up to about max_steps times.
  *
  * Quadrature components.  With opt.quadratures = nq > 0 the last nq
  * components q of h = (y, q) are integrals, q(t) = q(t0) + int g_q dt:
@@ -109,14 +113,17 @@
  * its backward quadrature's history arrays (about (max_order + 5) ntheta
  * doubles) are then allocated for one sample at a time.
  *
- * Measured (bench/bench_ode.c: a tanh MLP field, batch 20, 10 output
- * times, Adams, rtol 1e-7): a plain forward costs about the same either
- * way (per sample, g is evaluated a third fewer times; as one system,
- * CVODES takes a tenth of the steps), but a gradient costs 2 to 6 times
- * less as one system, and its cost over a forward stays flat, about 8,
- * from 10^2 to 10^5 parameters, while per sample it rises from 15 to 35:
- * there CVODES' bookkeeping of the thetabar quadrature grows with steps
- * times ntheta, over 14 times as many backward steps.  Hence the default.
+ * Measured (bench/bench_ode.c, two full runs of build/bench/bench_ode on
+ * a shared 2-core machine: a tanh MLP field, batch 20, 10 output times,
+ * Adams, rtol 1e-7): a plain forward costs about the same either way (per
+ * sample, g is evaluated nearly half as often; as one system, CVODES
+ * takes a tenth of the steps), but a gradient costs 3.1 to 4.0 times less
+ * as one system (the scaling_ lines' gradient_ms, per sample over one
+ * system), and its cost over a forward stays between 7 and 13, with no
+ * trend, from 10^2 to 10^5 parameters, while per sample it rises from 18
+ * to 40: there CVODES' bookkeeping of the thetabar quadrature grows with
+ * steps times ntheta, over 13 to 14 times as many backward steps (4036 to
+ * 4704 against 297 to 335).  Hence the default.
  *
  * Statuses.  Every failing CVODES call becomes a status whose message
  * names CVODES' flag as CVodeGetReturnFlagName spells it (from a table of
@@ -130,8 +137,9 @@
  *   IMP_ECALLBACK   a callback returned non-zero;
  *   IMP_ENONFINITE  NaN or Inf in x, theta, ybar or a callback's result
  *                   that CVODES could not step around;
- *   IMP_EINVAL      bad options or times, a missing vjp for gradients,
- *                   output times too close to t0 (CV_TOO_CLOSE);
+ *   IMP_EINVAL      bad options or times (spans too short for CVODES
+ *                   among them, see imp_ode_create), a missing vjp for
+ *                   gradients;
  *   IMP_ENOMEM      allocation failures (CV_MEM_FAIL included);
  *   IMP_EBACKEND    any other CVODES failure.
  * The SUNDIALS context and every CVODES object are freed on every path.
@@ -287,7 +295,11 @@ typedef struct imp_ode_options {
                                     integrals (see above); default 0 */
 } imp_ode_options;
 
-/** What one pass did, summed over the batch. */
+/**
+ * What one pass did, summed over the batch.  A failed pass counts the
+ * work up to its failure (per sample: that of the samples integrated so
+ * far, the failing one included).
+ */
 typedef struct imp_ode_pass_stats {
   long steps;             /**< CVODES steps (backward: adjoint steps) */
   long rhs_evals;         /**< g evaluations, difference quotients
@@ -314,7 +326,13 @@ typedef struct imp_ode_stats {
 /**
  * Make a neural ODE layer for the field, with initial time t0 and ntimes
  * output times (t0 <= times[0] < times[1] < ..., times[ntimes - 1] > t0,
- * all finite).  field, times and opt (may be NULL) are copied.  The
+ * all finite).  Each span CVODES integrates, from t0 to times[0] (unless
+ * they are equal) and between consecutive output times, must be long
+ * enough for its first-step estimate, forward and backward: at least 4
+ * ulps of its ends, and, for a span from a to b, DBL_EPSILON max(|a|,
+ * |b|) (b - a) at least DBL_MIN (from t0 = 0, a horizon above about
+ * 1e-146; shorter ones made CVODES fail forward, or backward only).
+ * field, times and opt (may be NULL) are copied.  The
  * layer's nparams = field->ntheta parameters are theta, zero at creation;
  * set them through imp_layer_params.  name may be NULL ("ode").  The
  * caller frees *out with imp_layer_free, which frees every CVODES object

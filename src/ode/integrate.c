@@ -49,6 +49,24 @@ static void record_backend_error(int code, const char *module,
 }
 
 /*
+ * Has the current CVODES call been cut off from the field?  After a
+ * callback failed, or gave NaN or Inf ODE_NONFINITE_RETRIES times, every
+ * callback returns -1 without calling the field.  A negative return
+ * should end the CVODES call, but CVODES 6.4.1 treats one from the rhs
+ * under fixed-point iteration (the default with Adams) as recoverable:
+ * it shrinks the step and calls again, up to about max_steps times, and
+ * may even step on once the field gives finite values again.  The cut
+ * keeps the field from being called after it failed, makes every retry
+ * fail at once, and the driver then fails the call whatever CVODES
+ * returns.
+ */
+static int cut_off(const ode_state *st)
+{
+  return st->cb_status == IMP_ECALLBACK ||
+         st->nonfinite_count >= ODE_NONFINITE_RETRIES;
+}
+
+/*
  * Record a callback's failure (the first of the current CVODES call; a
  * failing callback outranks a non-finite result) and tell CVODES to stop:
  * a negative return is unrecoverable.
@@ -202,8 +220,10 @@ static int stalled(const ode_state *st, void *mem, int flag)
 /*
  * Turn a failed CVODES call into a status with a message that names the
  * flag.  A callback failure recorded during the call decides the status
- * and is described first; a non-finite result does so unless CVODES ran
- * out of steps or of precision for another reason.
+ * and is described first; so do non-finite results once they reached
+ * ODE_NONFINITE_RETRIES, and fewer of them unless CVODES ran out of steps
+ * or of precision for another reason.  The flag may be a success: CVODES
+ * can return one after the callbacks were cut off (see cut_off).
  */
 static int cvodes_failed(ode_state *st, const ode_run *run, int flag,
                          const char *call, double t, void *mem)
@@ -213,7 +233,7 @@ static int cvodes_failed(ode_state *st, const ode_run *run, int flag,
   char where[64], when[48] = "";
   int rc;
 
-  if (st->cb_status == IMP_ECALLBACK ||
+  if (cut_off(st) ||
       (st->cb_status == IMP_ENONFINITE && flag != CV_TOO_MUCH_WORK &&
        flag != CV_TOO_MUCH_ACC) ||
       stalled(st, mem, flag))
@@ -228,13 +248,20 @@ static int cvodes_failed(ode_state *st, const ode_run *run, int flag,
   if (status == IMP_ECALLBACK && st->cb_status == IMP_ECALLBACK)
     rc = imp__fail(status,
                    "ode: the %s callback returned %d at t = %g "
-                   "(sample %zu); %s stopped with %s",
+                   "(sample %zu); %s returned %s",
                    st->cb_what, st->cb_code, st->cb_t, st->cb_sample, call,
                    flag_name);
+  else if (status == IMP_ENONFINITE && cut_off(st))
+    rc = imp__fail(status,
+                   "ode: callbacks gave NaN or Inf %d times in one %s "
+                   "call, the most tolerated, the %s callback first at "
+                   "t = %g (sample %zu); %s returned %s",
+                   st->nonfinite_count, call, st->cb_what, st->cb_t,
+                   st->cb_sample, call, flag_name);
   else if (status == IMP_ENONFINITE)
     rc = imp__fail(status,
                    "ode: the %s callback gave NaN or Inf at t = %g "
-                   "(sample %zu); %s stopped with %s",
+                   "(sample %zu); %s returned %s",
                    st->cb_what, st->cb_t, st->cb_sample, call, flag_name);
   else
     rc = imp__fail(status, "ode: %s: %s%s returned %s: %s", where, call, when,
@@ -302,10 +329,14 @@ static int field_rhs(ode_state *st, double t, const double *y, double *out,
                      size_t sample)
 {
   const imp_ode_field *f = &st->field;
-  const double *h = full_vector(st, st->h_full, y, NULL);
+  const double *h;
   double *g = st->nq > 0 ? st->out_full : out;
-  int rc = f->rhs(f->ctx, &t, h, st->theta, g);
+  int rc;
 
+  if (cut_off(st))
+    return -1;
+  h = full_vector(st, st->h_full, y, NULL);
+  rc = f->rhs(f->ctx, &t, h, st->theta, g);
   st->tally->rhs_evals++;
   if (rc != 0)
     return callback_failed(st, "rhs", t, sample, rc);
@@ -369,6 +400,8 @@ static int jtimes_forward(N_Vector v, N_Vector jv, sunrealtype t, N_Vector y,
 
   (void)fy;
   (void)tmp;
+  if (cut_off(st))
+    return -1;
   for (size_t i = 0; i < run->m; i++) {
     const double *hi = full_vector(st, st->h_full, h + i * dy, NULL);
     const double *ui = full_vector(st, st->v_full, u + i * dy, NULL);
@@ -395,11 +428,14 @@ static int field_jacobian(ode_state *st, double t, const double *y,
                           size_t sample)
 {
   const imp_ode_field *f = &st->field;
-  const double *h = full_vector(st, st->h_full, y, NULL);
+  const double *h;
   size_t d = f->d;
   double *jac = st->jac_rows;
   int rc;
 
+  if (cut_off(st))
+    return -1;
+  h = full_vector(st, st->h_full, y, NULL);
   st->tally->jacobian_evals++;
   if (f->jacobian != NULL) {
     rc = f->jacobian(f->ctx, &t, h, st->theta, jac);
@@ -496,6 +532,8 @@ static int adjoint_vjp(ode_run *run, double t, const double *h, const double *v,
   const imp_ode_field *f = &st->field;
   size_t dy = st->dy, nq = st->nq;
 
+  if (cut_off(st))
+    return -1;
   for (size_t i = 0; i < run->m; i++) {
     const double *hi = full_vector(st, st->h_full, h + i * dy, NULL);
     const double *vi = full_vector(st, st->v_full, v + i * dy,
@@ -562,6 +600,8 @@ static int quad_backward(sunrealtype t, N_Vector y, N_Vector yb, N_Vector qbdot,
   double *q = N_VGetArrayPointer(qbdot);
   size_t dy = st->dy, nq = st->nq;
 
+  if (cut_off(st))
+    return -1;
   memset(q, 0, f->ntheta * sizeof(double));
   for (size_t i = 0; i < run->m; i++) {
     const double *hi = full_vector(st, st->h_full, h + i * dy, NULL);
@@ -866,13 +906,50 @@ static void add_counters(void *mem, int has_ls, imp_ode_pass_stats *tally)
   tally->linear_iters += nli;
 }
 
+/* Integrate the run from output time to output time, writing y; at t0
+ * itself the output is x (state and quadratures still hold it). */
+static int forward_outputs(ode_state *st, ode_run *run, double *y, int keep,
+                           int *ncheck)
+{
+  double *state = N_VGetArrayPointer(run->y);
+  double *quad = st->nq > 0 ? N_VGetArrayPointer(run->quad_fwd) : NULL;
+  double tret;
+
+  for (size_t k = 0; k < st->ntimes; k++) {
+    double tk = st->times[k];
+    int flag;
+
+    if (tk == st->t0) {
+      scatter_output(st, run, state, quad, k, y);
+      continue;
+    }
+    st->cb_status = 0;
+    st->nonfinite_count = 0;
+    st->backend_msg[0] = '\0';
+    if (keep)
+      flag = CVodeF(run->mem, tk, run->y, &tret, CV_NORMAL, ncheck);
+    else
+      flag = CVode(run->mem, tk, run->y, &tret, CV_NORMAL);
+    /* CVODES 6.4 can go on, and even succeed, after a callback failed
+     * unrecoverably: a cut-off (see cut_off) fails the pass whatever
+     * CVODES returned. */
+    if (flag < 0 || cut_off(st))
+      return cvodes_failed(st, run, flag, keep ? "CVodeF" : "CVode", tk,
+                           run->mem);
+    if (quad != NULL)
+      ODE__CHECK(st, run, "CVodeGetQuad",
+                 CVodeGetQuad(run->mem, &tret, run->quad_fwd));
+    scatter_output(st, run, state, quad, k, y);
+  }
+  return IMP_OK;
+}
+
 static int run_forward(ode_state *st, ode_run *run, const double *x, double *y,
                        int keep)
 {
   double *state = N_VGetArrayPointer(run->y);
   double *quad = st->nq > 0 ? N_VGetArrayPointer(run->quad_fwd) : NULL;
-  double tret;
-  int ncheck = 0;
+  int ncheck = 0, rc;
 
   /* Start from x.  CVODES' adjoint module changes the first step of the
    * forward memory when it recomputes; set it back each time. */
@@ -886,40 +963,15 @@ static int run_forward(ode_state *st, ode_run *run, const double *x, double *y,
   if (keep)
     ODE__CHECK(st, run, "CVodeAdjReInit", CVodeAdjReInit(run->mem));
 
-  /* Integrate from output time to output time; at t0 itself the output
-   * is x (state and quadratures still hold it). */
-  for (size_t k = 0; k < st->ntimes; k++) {
-    double tk = st->times[k];
-    int flag;
-
-    if (tk == st->t0) {
-      scatter_output(st, run, state, quad, k, y);
-      continue;
-    }
-    st->cb_status = 0;
-    st->nonfinite_count = 0;
-    st->backend_msg[0] = '\0';
-    if (keep)
-      flag = CVodeF(run->mem, tk, run->y, &tret, CV_NORMAL, &ncheck);
-    else
-      flag = CVode(run->mem, tk, run->y, &tret, CV_NORMAL);
-    /* CVODES 6.4 can go on after the field's first evaluation failed
-     * unrecoverably: a failure the callbacks recorded fails the pass. */
-    if (flag >= 0 && st->cb_status == IMP_ECALLBACK)
-      flag = CV_RHSFUNC_FAIL;
-    if (flag < 0)
-      return cvodes_failed(st, run, flag, keep ? "CVodeF" : "CVode", tk,
-                           run->mem);
-    if (quad != NULL)
-      ODE__CHECK(st, run, "CVodeGetQuad",
-                 CVodeGetQuad(run->mem, &tret, run->quad_fwd));
-    scatter_output(st, run, state, quad, k, y);
-  }
-
+  /* CVodeReInit zeroed CVODES' counters, so from here on they hold this
+   * pass's work: they are added whether or not the integration succeeds,
+   * so that the statistics of a failed pass agree with the callbacks'
+   * counts, which are kept as the callbacks run. */
+  rc = forward_outputs(st, run, y, keep, &ncheck);
   run->checkpoints = ncheck;
   st->stats.checkpoints += ncheck;
   add_counters(run->mem, run->ls != NULL, st->tally);
-  return IMP_OK;
+  return rc;
 }
 
 int imp__ode_forward(ode_state *st, size_t n, const double *x, double *y,
@@ -1068,7 +1120,7 @@ static int backward_segment(ode_state *st, ode_run *run, double tc,
 {
   void *mem_b;
   double tret;
-  int flag;
+  int flag, rc;
 
   ODE__CHECK(st, run, "CVodeReInitB",
              CVodeReInitB(run->mem, run->which, tc, run->lambda));
@@ -1079,20 +1131,22 @@ static int backward_segment(ode_state *st, ode_run *run, double tc,
   st->nonfinite_count = 0;
   st->backend_msg[0] = '\0';
   flag = CVodeB(run->mem, tprev, CV_NORMAL);
-  if (flag >= 0 && st->cb_status == IMP_ECALLBACK)
-    flag = CV_RHSFUNC_FAIL; /* as in the forward pass */
-  if (flag < 0)
-    return cvodes_failed(st, run, flag, "CVodeB", tprev,
-                         CVodeGetAdjCVodeBmem(run->mem, run->which));
+  mem_b = CVodeGetAdjCVodeBmem(run->mem, run->which);
+
+  /* CVodeReInitB zeroed the backward memory's counters, and the next one
+   * will again: add them now, on failure too (as in the forward pass). */
+  rc = flag < 0 || cut_off(st)
+           ? cvodes_failed(st, run, flag, "CVodeB", tprev, mem_b)
+           : IMP_OK;
+  if (mem_b != NULL)
+    add_counters(mem_b, run->ls_b != NULL, st->tally);
+  if (rc != IMP_OK)
+    return rc;
   ODE__CHECK(st, run, "CVodeGetB",
              CVodeGetB(run->mem, run->which, &tret, run->lambda));
   if (run->quad != NULL)
     ODE__CHECK(st, run, "CVodeGetQuadB",
                CVodeGetQuadB(run->mem, run->which, &tret, run->quad));
-
-  /* CVodeReInitB resets the backward memory's counters: add them now. */
-  mem_b = CVodeGetAdjCVodeBmem(run->mem, run->which);
-  add_counters(mem_b, run->ls_b != NULL, st->tally);
   return IMP_OK;
 }
 

@@ -3,6 +3,7 @@
  * forward and backward around the CVODES driver (integrate.c), and the
  * public accessors.  The maths is in imp/ode.h.
  */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,9 @@
 #define ODE_CHECKPOINT_STEPS 100
 #define ODE_ADAMS_MAX_ORDER 12
 #define ODE_BDF_MAX_ORDER 5
+
+/* The fewest ulps between consecutive times (see check_span). */
+#define ODE_MIN_SPAN_ULPS 4
 
 static const imp_layer_ops ode_ops;
 
@@ -50,6 +54,37 @@ int imp_ode_field_from_problem(const imp_problem *problem, imp_ode_field *field)
 /* Checks and defaults                                                  */
 /* ------------------------------------------------------------------ */
 
+/*
+ * Can CVODES integrate between the times a < b, forward and back?  The
+ * forward's first span and every backward segment start with CVODES'
+ * first-step estimate (cvHin).  It refuses b - a below 2 eps max(|a|,
+ * |b|) (CV_TOO_CLOSE), and it takes the square root of at most 10 eps
+ * max(|a|, |b|) (b - a), which underflows at tiny scales of t: from
+ * t0 = 0, horizons below about 3e-155 made the forward fail with
+ * CV_BAD_T, or pass and leave a backward that failed with CV_BAD_TB0,
+ * and output times 1e-160 apart near 1e-150 made the backward fail
+ * (SUNDIALS 6.4.1).  Both are refused here, before either pass: a span
+ * must be ODE_MIN_SPAN_ULPS ulps of its ends, and eps max(|a|, |b|)
+ * (b - a) a normal number.
+ */
+static int check_span(double a, double b, const char *what, size_t k)
+{
+  double scale = fmax(fabs(a), fabs(b)), span = b - a;
+
+  if (span < ODE_MIN_SPAN_ULPS * DBL_EPSILON * scale)
+    return imp__fail(IMP_EINVAL,
+                     "ode: times[%zu] = %.17g is within %d ulps of %s "
+                     "%.17g; CVODES cannot step between them",
+                     k, b, ODE_MIN_SPAN_ULPS, what, a);
+  if (DBL_EPSILON * scale * span < DBL_MIN)
+    return imp__fail(IMP_EINVAL,
+                     "ode: the span from %s %g to times[%zu] = %g is too "
+                     "short for CVODES at this scale of t (its first "
+                     "step estimate underflows); rescale the time",
+                     what, a, k, b);
+  return IMP_OK;
+}
+
 static int check_times(double t0, const double *times, size_t ntimes)
 {
   if (times == NULL || ntimes == 0)
@@ -72,6 +107,15 @@ static int check_times(double t0, const double *times, size_t ntimes)
                      "ode: the last output time must be after "
                      "t0 = %g",
                      t0);
+
+  /* Every span CVODES integrates, from t0 (unless the first output time
+   * is t0 itself, whose output is x) and between output times. */
+  for (size_t k = 0; k < ntimes; k++) {
+    if (k == 0 && times[0] == t0)
+      continue;
+    IMP__TRY(check_span(k == 0 ? t0 : times[k - 1], times[k],
+                        k == 0 ? "t0 =" : "the previous time", k));
+  }
   return IMP_OK;
 }
 
