@@ -17,19 +17,25 @@
 #include "core/lapack.h"
 #include "root/internal.h"
 
-int imp__root_rewrap(int rc, const char *prefix)
+/* The last error message, copied to buf, without its own "name: " lead
+ * for status rc, which a new message on it repeats. */
+static const char *last_message(int rc, char *buf, size_t size)
 {
-  char inner[512];
-  const char *text = inner;
   const char *status_name = imp_status_name(rc);
   size_t len = strlen(status_name);
 
-  /* Drop the inner message's own "name: " lead; the new one repeats it. */
-  snprintf(inner, sizeof inner, "%s", imp_last_error());
-  if (strncmp(inner, status_name, len) == 0 && inner[len] == ':' &&
-      inner[len + 1] == ' ')
-    text = inner + len + 2;
-  return imp__fail(rc, "%s: %s", prefix, text);
+  snprintf(buf, size, "%s", imp_last_error());
+  if (strncmp(buf, status_name, len) == 0 && buf[len] == ':' &&
+      buf[len + 1] == ' ')
+    return buf + len + 2;
+  return buf;
+}
+
+int imp__root_rewrap(int rc, const char *prefix)
+{
+  char inner[512];
+
+  return imp__fail(rc, "%s: %s", prefix, last_message(rc, inner, sizeof inner));
 }
 
 static int valid_tolerance(double t)
@@ -371,14 +377,8 @@ static int newton_confirms(imp__root_work *w, const gsl_vector *root,
 static int stalled(const imp__root_work *w, size_t stalls, double excess)
 {
   char inner[512];
-  const char *text = inner;
-  const char *status_name = imp_status_name(IMP_ENOCONV);
-  size_t len = strlen(status_name);
+  const char *text = last_message(IMP_ENOCONV, inner, sizeof inner);
 
-  snprintf(inner, sizeof inner, "%s", imp_last_error());
-  if (strncmp(inner, status_name, len) == 0 && inner[len] == ':' &&
-      inner[len + 1] == ' ')
-    text = inner + len + 2;
   return imp__fail(IMP_ENOCONV,
                    "%s; the steps stalled away from a root: they passed "
                    "the step test (step_tol %.3g) %zu times, but a full "
