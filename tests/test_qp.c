@@ -449,6 +449,28 @@ START_TEST(test_maros_meszaros)
 }
 END_TEST
 
+/* b = A z0 and p = -(Q z0 + G^T lambda0 + A^T nu0): the data that make
+ * (z0, lambda0, nu0) satisfy the equality rows and stationarity of f. */
+static void plant_kkt_point(qp_form *f, const double *z0, const double *lam0,
+                            const double *nu0)
+{
+  size_t n = f->dims.nz, m = f->dims.nineq, p = f->dims.neq;
+
+  for (size_t i = 0; i < p; i++)
+    f->b[i] = imp__dot(n, f->A + i * n, z0);
+  for (size_t j = 0; j < n; j++) {
+    double r = 0.0;
+
+    for (size_t l = 0; l < n; l++)
+      r += f->Q[j * n + l] * z0[l];
+    for (size_t i = 0; i < m; i++)
+      r += f->G[i * n + j] * lam0[i];
+    for (size_t i = 0; i < p; i++)
+      r += f->A[i * n + j] * nu0[i];
+    f->p[j] = -r;
+  }
+}
+
 /*
  * A random QP with a known solution and strict complementarity: z0, the
  * first nact rows of G active with lambda in [0.5, 1.5], the others slack
@@ -493,19 +515,7 @@ static qp_form random_qp(imp_rng *rng, size_t n, size_t m, size_t p,
     lam0[i] = i < nact ? 0.5 + u : 0.0;
     f.h[i] = gz + (i < nact ? 0.0 : 0.5 + u);
   }
-  for (size_t i = 0; i < p; i++)
-    f.b[i] = imp__dot(n, f.A + i * n, z0);
-  for (size_t j = 0; j < n; j++) {
-    double r = 0.0;
-
-    for (size_t l = 0; l < n; l++)
-      r += f.Q[j * n + l] * z0[l];
-    for (size_t i = 0; i < m; i++)
-      r += f.G[i * n + j] * lam0[i];
-    for (size_t i = 0; i < p; i++)
-      r += f.A[i * n + j] * nu0[i];
-    f.p[j] = -r;
-  }
+  plant_kkt_point(&f, z0, lam0, nu0);
   if (ystar != NULL) {
     memcpy(ystar, z0, n * sizeof(double));
     memcpy(ystar + n, lam0, m * sizeof(double));
@@ -647,19 +657,7 @@ static void planted_family(imp_rng *rng, int kind, qp_form *f, double *z0)
       s = 0.5 + u;
     f->h[i] = imp__dot(n, gi, z0) + s;
   }
-  for (size_t i = 0; i < p; i++)
-    f->b[i] = imp__dot(n, f->A + i * n, z0);
-  for (size_t j = 0; j < n; j++) {
-    double r = 0.0;
-
-    for (size_t l = 0; l < n; l++)
-      r += f->Q[j * n + l] * z0[l];
-    for (size_t i = 0; i < m; i++)
-      r += f->G[i * n + j] * lam[i];
-    for (size_t i = 0; i < p; i++)
-      r += f->A[i * n + j] * nu[i];
-    f->p[j] = -r;
-  }
+  plant_kkt_point(f, z0, lam, nu);
   free(L);
   free(lam);
   free(nu);

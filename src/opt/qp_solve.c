@@ -1166,6 +1166,20 @@ static int dual_start(ipm_work *ws, const imp__qp_view *d)
   return 0;
 }
 
+/* Iterations in a row in which the gap is below tol but the larger
+ * residual has not halved against the best so far (*best, updated), given
+ * the count before this iterate: rounding, not the method, then limits
+ * the residuals. */
+static size_t stall_count(size_t stalled, double *best, const imp__qp_config *c,
+                          const ipm_result *res)
+{
+  double merit = fmax(res->primal, res->dual);
+
+  stalled = merit < 0.5 * *best || res->gap > c->tol ? 0 : stalled + 1;
+  *best = fmin(*best, merit);
+  return stalled;
+}
+
 /*
  * The iteration of ipm on the dual QP, from dual_start.  It ends with z
  * formed and the KKT residuals from the data in ws and res; *done is 1 if
@@ -1189,7 +1203,7 @@ static int ipm_dual(ipm_work *ws, const imp__qp_view *d,
   }
 
   for (;;) {
-    double alpha, mu, mu_aff, sigma, merit;
+    double alpha, mu, mu_aff, sigma;
 
     /* Test the iterate, as ipm does. */
     dual_residuals(ws, d, res);
@@ -1198,9 +1212,7 @@ static int ipm_dual(ipm_work *ws, const imp__qp_view *d,
     IMP__TRY(dual_certify(ws, d, c, k, res));
     if (res->iterations >= c->max_iter)
       break;
-    merit = fmax(res->primal, res->dual);
-    stalled = merit < 0.5 * best || res->gap > c->tol ? 0 : stalled + 1;
-    best = fmin(best, merit);
+    stalled = stall_count(stalled, &best, c, res);
     if (stalled >= STALL_LIMIT)
       break;
 
@@ -1279,7 +1291,7 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
     IMP__TRY(start(ws, d, k));
 
   while (!converged) {
-    double alpha, mu, mu_aff, sigma, merit;
+    double alpha, mu, mu_aff, sigma;
     int refined;
 
     /* Test the iterate. */
@@ -1298,9 +1310,7 @@ static int ipm(ipm_work *ws, const imp__qp_view *d, const imp__qp_config *c,
      * augmented system, whose rounding does not carry W's large entries
      * (see augmented_alloc); the iteration stops once that too has not
      * halved them in STALL_LIMIT iterations. */
-    merit = fmax(res->primal, res->dual);
-    stalled = merit < 0.5 * best || res->gap > c->tol ? 0 : stalled + 1;
-    best = fmin(best, merit);
+    stalled = stall_count(stalled, &best, c, res);
     if (!ws->aug && !ws->aug_failed && stalled >= AUG_STALL_LIMIT) {
       ws->aug_failed = augmented_alloc(ws) != 0;
       if (!ws->aug_failed) {
